@@ -1,0 +1,42 @@
+# Every target sets itself up on a fresh machine: `make train` is all a newcomer types.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (it lies on the development machines' disk); GPU machines bring their own.
+TORCH_VERSION ?= 2.13.0
+CONFIG ?= train/configs/shakespeare_char_cpu.toml
+OUT ?= out/shakespeare_char_cpu
+ARGS ?=
+
+.PHONY: install train sample test bench gpu-suite lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==$(TORCH_VERSION)
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+train: install
+	$(PY) -m train --config $(CONFIG) --out_dir=$(OUT) --overwrite $(ARGS)
+
+sample: install
+	$(PY) -m gpt.sample --out_dir=$(OUT) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install
+	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/bench-cpu.json $(ARGS)
+
+gpu-suite: install
+	$(PY) benchmarks/gpu_suite.py $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf .pytest_cache .ruff_cache .benchmarks *.egg-info
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

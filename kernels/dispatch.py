@@ -1,0 +1,187 @@
+"""Backend registry and selection.
+
+Every op family ("attention", "layer_norm") has a set of named backends. A backend is a
+module that defines the op's functions (see ``OPS``) and, optionally,
+
+    unsupported(op: str, *tensors, **kwargs) -> str | None
+
+which returns None when it can run that exact call, else one sentence saying why not.
+Modules are imported lazily, so a missing optional package (triton, flash_attn) only
+matters to the user who asks for that backend.
+
+Selection order for one call: the call's ``backend=``, then ``use_backend(...)``, then the
+environment variable ``GPT_KERNELS`` (e.g. ``attention=triton,layer_norm=torch``), then
+``auto``. A backend the user named that cannot run the call is an error, never a silent
+fallback; ``auto`` walks a preference list and takes the first backend that can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+# op family -> the functions every backend of that family defines
+OPS: dict[str, tuple[str, ...]] = {
+    "attention": ("attention",),
+    "layer_norm": ("layer_norm", "add_layer_norm"),
+}
+
+# op family -> backend name -> module implementing it. Adding a backend is one line here.
+REGISTRY: dict[str, dict[str, str]] = {
+    "attention": {
+        "torch": "kernels.reference",
+        "sdpa": "kernels.sdpa",
+        "flash_attn": "kernels.flash_attn_backend",
+        "triton": "kernels.triton.attention",
+    },
+    "layer_norm": {
+        "torch": "kernels.reference",
+        "triton": "kernels.triton.layer_norm",
+    },
+}
+
+# What ``auto`` tries, in order, per op family and device type.
+AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    "attention": {"cuda": ("triton", "sdpa", "torch"), "cpu": ("sdpa", "torch")},
+    "layer_norm": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+}
+
+ENV_VAR = "GPT_KERNELS"
+
+
+class BackendError(ValueError):
+    """A named backend does not exist, is not installed, or cannot run this call."""
+
+
+_override: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
+    "kernels_backend_override", default={}
+)
+_modules: dict[str, ModuleType | Exception] = {}
+
+
+def _check_choice(op: str, name: str) -> None:
+    if op not in REGISTRY:
+        raise BackendError(f"unknown op family {op!r}; expected one of {sorted(REGISTRY)}")
+    if name != "auto" and name not in REGISTRY[op]:
+        choices = ["auto", *REGISTRY[op]]
+        raise BackendError(f"unknown {op} backend {name!r}; expected one of {choices}")
+
+
+def _load(op: str, name: str) -> ModuleType:
+    """Import a backend's module, or raise a BackendError naming what is missing."""
+    path = REGISTRY[op][name]
+    if path not in _modules:
+        try:
+            _modules[path] = importlib.import_module(path)
+        except ImportError as err:  # the optional package behind the backend is absent
+            _modules[path] = err
+    module = _modules[path]
+    if isinstance(module, Exception):
+        missing = getattr(module, "name", None) or str(module)
+        raise BackendError(
+            f"{op} backend {name!r} needs the package {missing!r}, which is not installed "
+            f"here ({module}); install it or choose another backend: "
+            f"{[b for b in REGISTRY[op] if b != name]}"
+        )
+    return module
+
+
+def _why_not(module: ModuleType, op: str, fn: str, args: tuple, kwargs: dict) -> str | None:
+    check = getattr(module, "unsupported", None)
+    return check(fn, *args, **kwargs) if check is not None else None
+
+
+def _parse_env() -> dict[str, str]:
+    raw = os.environ.get(ENV_VAR, "").strip()
+    choice: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        op, sep, name = item.partition("=")
+        if not sep:
+            raise BackendError(
+                f"{ENV_VAR}={raw!r}: expected comma-separated op=backend pairs, "
+                "e.g. 'attention=triton,layer_norm=torch'"
+            )
+        op, name = op.strip(), name.strip()
+        _check_choice(op, name)
+        choice[op] = name
+    return choice
+
+
+def selected(op: str, backend: str | None = None) -> str:
+    """The backend name in force for ``op`` (may be "auto"), following the selection order."""
+    if backend is not None:
+        _check_choice(op, backend)
+        return backend
+    if op in _override.get():
+        return _override.get()[op]
+    return _parse_env().get(op, "auto")
+
+
+def resolve(op: str, fn: str, backend: str | None, args: tuple, kwargs: dict):
+    """Return the function ``fn`` of the backend that will run this call."""
+    name = selected(op, backend)
+    if name != "auto":
+        module = _load(op, name)
+        reason = _why_not(module, op, fn, args, kwargs)
+        if reason is not None:
+            raise BackendError(f"{op} backend {name!r} cannot run this call: {reason}")
+        return getattr(module, fn)
+    device = args[0].device.type
+    order = AUTO_ORDER[op].get(device, AUTO_ORDER[op]["cpu"])
+    for candidate in order:
+        try:
+            module = _load(op, candidate)
+        except BackendError:
+            continue
+        if _why_not(module, op, fn, args, kwargs) is None:
+            return getattr(module, fn)
+    raise BackendError(f"no {op} backend can run this call on {device}; tried {list(order)}")
+
+
+@contextlib.contextmanager
+def use_backend(**choice: str) -> Iterator[None]:
+    """Choose backends for the enclosed code: ``with use_backend(attention="sdpa"): ...``."""
+    for op, name in choice.items():
+        _check_choice(op, name)
+    token = _override.set({**_override.get(), **choice})
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def available_backends(op: str, device: str | torch.device = "cpu") -> list[str]:
+    """Backends of ``op`` whose packages are installed and that can run on ``device``.
+
+    Checked with a small fp32 probe call's arguments; a backend may still refuse a
+    particular call (a head dim it does not support, say).
+    """
+    _check_choice(op, "auto")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []
+    names = []
+    for name in REGISTRY[op]:
+        try:
+            module = _load(op, name)
+        except BackendError:
+            continue
+        args, kwargs = _probe_args(op, device)
+        if _why_not(module, op, OPS[op][0], args, kwargs) is None:
+            names.append(name)
+    return names
+
+
+def _probe_args(op: str, device: torch.device) -> tuple[tuple, dict]:
+    meta = dict(device=device, dtype=torch.float32)
+    if op == "attention":
+        q = torch.empty(1, 1, 1, 64, **meta)
+        return (q, q, q), dict(causal=True, dropout_p=0.0, scale=0.125)
+    x = torch.empty(1, 64, **meta)
+    return (x, x[0], x[0]), dict(eps=1e-5)

@@ -1,0 +1,60 @@
+"""The ``torch`` backend: plain PyTorch, written to be read. Ground truth for every other backend.
+
+Attention is the lecture's masked softmax, materialising the (Tq, Tk) score matrix; it runs
+anywhere and supports anything, at the cost of O(T^2) memory. Both ops compute in fp32 with
+autocast off (so accumulators stay fp32 whatever the caller's autocast says) and return the
+input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True where query i may see key j: j <= i + (Tk - Tq).
+
+    Aligned bottom-right as in FlashAttention, so the last query sees every key; equal
+    lengths give the usual lower-triangular mask.
+    """
+    i = torch.arange(t_q, device=device)[:, None]
+    j = torch.arange(t_k, device=device)[None, :]
+    return j <= i + (t_k - t_q)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float
+) -> torch.Tensor:
+    with torch.autocast(q.device.type, enabled=False):
+        att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+        if causal:
+            visible = causal_mask(q.shape[-2], k.shape[-2], q.device)
+            att = att.masked_fill(~visible, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        if causal and q.shape[-2] > k.shape[-2]:
+            # the first Tq - Tk queries see no key: softmax gave NaN, FlashAttention gives 0
+            att = att.nan_to_num(0.0)
+        if dropout_p > 0.0:
+            att = F.dropout(att, p=dropout_p, training=True)
+        return (att @ v.float()).to(q.dtype)
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        w = weight.float() if weight is not None else None
+        b = bias.float() if bias is not None else None
+        return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x + residual
+    return layer_norm(h, weight, bias, eps), h

@@ -1,0 +1,1 @@
+"""Our Triton kernels: one file per kernel (forward, backward, autograd wrapper, custom op)."""

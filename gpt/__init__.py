@@ -1,0 +1,1 @@
+"""The GPT model, its tokenizers and generation. Knows nothing about distributed training."""

@@ -1,0 +1,46 @@
+"""Saving and loading a model on its own: weights in safetensors, shape and tokenizer in JSON.
+
+A model directory holds ``model.safetensors`` and ``model.json``; training checkpoints
+(``train/checkpoint.py``) are model directories with the training state beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from gpt.config import GPTConfig
+from gpt.model import build_model
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+
+
+def save_model(model: torch.nn.Module, directory: str | Path, tokenizer_meta: dict | None = None) -> None:
+    """Write the weights and a JSON with the model config and tokenizer (no fsync; callers
+    that need durability, like checkpoints, write into a temporary directory and rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    safetensors.torch.save_model(model, str(directory / WEIGHTS_FILE))  # handles the tied lm_head
+    info = dict(config=model.config.to_dict(), tokenizer=tokenizer_meta)
+    (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Build the model described in ``model.json`` and load its weights; returns (model, info)."""
+    directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a model directory: {name} is missing")
+    try:
+        info = json.loads((directory / CONFIG_FILE).read_text())
+        config = GPTConfig.from_dict(info["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{directory / CONFIG_FILE} is not a valid model description: {err}") from err
+    model = build_model(config)
+    safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
+    return model.to(device), info

@@ -1,0 +1,34 @@
+"""Test set-up shared by every test file.
+
+Without a GPU, Triton kernels run through Triton's interpreter on CPU tensors; it must be
+switched on before ``triton`` is first imported, so it is set here, at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+# Tiny Shakespeare and the GPT-2 BPE files, laid beside the checkout (never committed).
+SHARED_DATA = Path(os.environ.get("GPT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+if (SHARED_DATA / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
+
+
+@pytest.fixture
+def shakespeare_path() -> Path:
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {path} (set GPT_SHARED_DATA)")
+    return path
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

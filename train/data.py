@@ -1,0 +1,351 @@
+"""Data preparation: text -> token ids -> ``train.bin`` / ``val.bin`` (uint16) + ``meta.json``.
+
+    python -m train.data prepare --dataset shakespeare_char     # Tiny Shakespeare, one token per character
+    python -m train.data prepare --dataset shakespeare          # Tiny Shakespeare, GPT-2 BPE
+    python -m train.data prepare --input my.txt --tokenizer char  # any local UTF-8 text, into data/my/
+
+As in nanoGPT, the first 90% of the text is the training split and the last 10% the validation
+split; each part is encoded on its own (for Tiny Shakespeare with GPT-2 BPE that gives nanoGPT's
+301,966 / 36,059 tokens). Tiny Shakespeare is downloaded once into ``<data_dir>/downloads/``,
+checked against its sha256, and reused while the cached copy still matches.
+
+Every file is written to a temporary name and renamed into place, meta.json last, so an
+interrupted run never leaves a half file, and a folder with meta.json is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from gpt.tokenizer import CharTokenizer, GPT2Tokenizer, TokenizerUnavailableError, tokenizer_from_meta
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TOKEN_DTYPE = np.uint16  # 2 bytes per token: ids 0..65535
+MAX_VOCAB_SIZE = int(np.iinfo(TOKEN_DTYPE).max) + 1
+SPLITS = ("train", "val")
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_CACHE_NAME = "tinyshakespeare.txt"
+DATA_URL_ENV = "GPT_DATA_URL"  # replaces SHAKESPEARE_URL: an http(s) mirror or a file:// path
+DOWNLOAD_TIMEOUT_S = 30.0
+DOWNLOADS_DIR = "downloads"  # under data_dir, beside the dataset folders
+
+# datasets that need no --input, and the tokenizer each uses unless told otherwise
+BUILTIN_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}
+TOKENIZERS = ("char", "gpt2")
+
+
+class DataError(RuntimeError):
+    """Preparing or loading data failed for a reason the user can fix; the message says how."""
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def prepare(
+    dataset: str,
+    data_dir: str | Path = "data",
+    input_path: str | Path | None = None,
+    tokenizer: str | None = None,
+) -> Path:
+    """Tokenize a corpus into ``<data_dir>/<dataset>/{train.bin,val.bin,meta.json}``; return that folder.
+
+    The corpus is ``input_path`` if given, else Tiny Shakespeare (``dataset`` must then be one of
+    BUILTIN_DATASETS). ``tokenizer`` is "char" or "gpt2"; by default "gpt2" for the dataset
+    "shakespeare" and "char" otherwise. Same input, same files, byte for byte.
+    """
+    _check_dataset_name(dataset)
+    if input_path is None and dataset not in BUILTIN_DATASETS:
+        known = ", ".join(BUILTIN_DATASETS)
+        raise DataError(
+            f"unknown dataset {dataset!r}: the built-in ones are {known}; for your own text pass --input path.txt"
+        )
+    tokenizer_name = tokenizer or BUILTIN_DATASETS.get(dataset, "char")
+    if tokenizer_name not in TOKENIZERS:
+        raise DataError(f"unknown tokenizer {tokenizer_name!r}: choose one of {', '.join(TOKENIZERS)}")
+    data_dir = Path(data_dir)
+
+    if input_path is None:
+        raw = fetch_shakespeare(data_dir)
+        source: dict[str, Any] = {"name": "tinyshakespeare", "url": SHAKESPEARE_URL}
+    else:
+        input_path = Path(input_path)
+        raw = _read_input(input_path)
+        source = {"name": input_path.stem, "path": str(input_path.resolve())}
+    source |= {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    text = _decode_utf8(raw, source.get("path") or source["name"])
+
+    tok = CharTokenizer.from_text(text) if tokenizer_name == "char" else GPT2Tokenizer()
+    if tok.vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(
+            f"the {tok.name} tokenizer of this text has {tok.vocab_size:,} tokens, but token files are uint16 "
+            f"(ids up to {MAX_VOCAB_SIZE - 1}); use a text with fewer distinct characters, or --tokenizer gpt2"
+        )
+
+    # nanoGPT's split: cut the text at 90% of its characters, then encode each part on its own
+    train_chars = len(text) * 9 // 10  # integer math: the same cut as int(n * 0.9), without float rounding
+    splits = {"train": tok.encode(text[:train_chars]), "val": tok.encode(text[train_chars:])}
+    for split, ids in splits.items():
+        if not ids:
+            raise DataError(f"the text is too short: its {split} split is empty ({len(text)} characters in all)")
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "dtype": np.dtype(TOKEN_DTYPE).name,
+        "vocab_size": tok.vocab_size,
+        "train_tokens": len(splits["train"]),
+        "val_tokens": len(splits["val"]),
+        "split": {"method": "first 90% of characters for train, rest for val", "train_chars": train_chars},
+        "tokenizer": tok.to_meta(),
+        "source": source,
+    }
+
+    folder = data_dir / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    # meta.json marks a complete folder: drop the old one first, write the new one last
+    (folder / "meta.json").unlink(missing_ok=True)
+    for split, ids in splits.items():
+        _write_atomic(folder / f"{split}.bin", np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
+    _write_atomic(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    log.info(
+        "%s: %s tokenizer, vocab %s; train %s tokens, val %s tokens -> %s",
+        dataset,
+        tok.name,
+        f"{tok.vocab_size:,}",
+        f"{meta['train_tokens']:,}",
+        f"{meta['val_tokens']:,}",
+        folder,
+    )
+    return folder
+
+
+def ensure_prepared(
+    dataset: str,
+    data_dir: str | Path = "data",
+    input_path: str | Path | None = None,
+    tokenizer: str | None = None,
+) -> Path:
+    """Return ``<data_dir>/<dataset>``, preparing it first if train.bin, val.bin or meta.json is missing.
+
+    An existing folder is checked against the request: a different tokenizer or a changed input
+    file is an error (prepare again, or pick another dataset name), never stale tokens.
+    In multi-process training call this on one rank, then wait at a barrier.
+    """
+    folder = Path(data_dir) / dataset
+    if not all((folder / name).is_file() for name in ("train.bin", "val.bin", "meta.json")):
+        return prepare(dataset, data_dir, input_path=input_path, tokenizer=tokenizer)
+    meta = load_meta(folder)
+    prepared_with = meta["tokenizer"].get("name")
+    if tokenizer is not None and tokenizer != prepared_with:
+        raise DataError(
+            f"{folder} was prepared with the {prepared_with} tokenizer, not {tokenizer}; "
+            f"prepare it again (python -m train.data prepare ... --tokenizer {tokenizer}) or use another dataset name"
+        )
+    if input_path is not None:
+        sha256 = hashlib.sha256(_read_input(Path(input_path))).hexdigest()
+        if sha256 != meta["source"].get("sha256"):
+            raise DataError(
+                f"{input_path} changed since {folder} was prepared from it; prepare it again: "
+                f"python -m train.data prepare --dataset {dataset} --input {input_path} --data_dir {data_dir}"
+            )
+    return folder
+
+
+def load_meta(folder: str | Path) -> dict[str, Any]:
+    """The dataset's meta.json, checked for the fields the training code needs."""
+    path = Path(folder) / "meta.json"
+    hint = f"prepare the data first (python -m train.data prepare --dataset {Path(folder).name} ...)"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"no meta.json in {folder}: {hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is corrupt ({err}); delete {folder} and {hint}") from None
+    required = ("format_version", "vocab_size", "train_tokens", "val_tokens", "tokenizer", "source")
+    missing = [key for key in required if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; delete {folder} and {hint}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise DataError(f"{path} has format version {meta['format_version']}, this code reads {FORMAT_VERSION}; {hint}")
+    return meta
+
+
+def load_tokens(folder: str | Path, split: str) -> np.memmap:
+    """The ``split`` ("train" or "val") token ids as a read-only uint16 memmap, length checked against meta."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    meta = load_meta(folder)
+    path = Path(folder) / f"{split}.bin"
+    expected = meta[f"{split}_tokens"]
+    itemsize = np.dtype(TOKEN_DTYPE).itemsize
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; prepare the data again (python -m train.data prepare ...)") from None
+    if size != expected * itemsize:
+        raise DataError(
+            f"{path} holds {size} bytes, but meta.json says {expected:,} tokens ({expected * itemsize} bytes); "
+            "the folder is damaged or half-written: prepare the data again"
+        )
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def load_tokenizer(folder: str | Path) -> CharTokenizer | GPT2Tokenizer:
+    """The tokenizer the dataset in ``folder`` was prepared with."""
+    return tokenizer_from_meta(load_meta(folder)["tokenizer"])
+
+
+def fetch_shakespeare(data_dir: str | Path = "data", timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
+    """Tiny Shakespeare's bytes: from ``<data_dir>/downloads/`` if the cached copy's sha256 matches, else downloaded."""
+    cached = Path(data_dir) / DOWNLOADS_DIR / SHAKESPEARE_CACHE_NAME
+    if cached.is_file():
+        raw = cached.read_bytes()
+        if hashlib.sha256(raw).hexdigest() == SHAKESPEARE_SHA256:
+            return raw
+        log.warning("%s does not match its sha256 (damaged?); downloading it again", cached)
+        cached.unlink()
+    url = os.environ.get(DATA_URL_ENV) or SHAKESPEARE_URL
+    download(url, cached, SHAKESPEARE_SHA256, timeout=timeout)
+    return cached.read_bytes()
+
+
+def download(url: str, dest: str | Path, sha256: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Fetch ``url`` (http, https, file:// or a plain path) to ``dest``, keeping it only if its sha256 matches."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if "://" not in url:  # a plain local path is accepted too
+        url = Path(url).resolve().as_uri()
+    hint = f"Set {DATA_URL_ENV} to a mirror (https://... or file:///path/to/input.txt), or pass --input path.txt"
+    log.info("downloading %s", url)
+    tmp = _temp_name(dest)
+    hasher = hashlib.sha256()
+    try:
+        started = time.monotonic()
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "xb") as out:
+            while chunk := response.read(1 << 16):
+                hasher.update(chunk)
+                out.write(chunk)
+                # the socket timeout bounds each read; this bounds a server that trickles bytes forever
+                if time.monotonic() - started > 10 * timeout:
+                    raise TimeoutError(f"download took longer than {10 * timeout:.0f} s")
+        got = hasher.hexdigest()
+        if got != sha256:
+            raise DataError(
+                f"the file downloaded from {url} has the wrong sha256: expected {sha256}, got {got}; "
+                f"refusing it (nothing was kept). {hint}"
+            )
+        os.replace(tmp, dest)
+    except (OSError, ValueError) as err:  # URLError, HTTPError and socket timeouts are OSErrors; ValueError: bad URL
+        # HTTPError's str carries the status code; other URLErrors wrap the socket error in .reason
+        reason = err if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", None) or err
+        raise DataError(f"could not download {url}: {reason}. {hint}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_dataset_name(dataset: str) -> None:
+    # the name becomes a folder under data_dir: keep it one plain path component
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", dataset or "") or dataset == DOWNLOADS_DIR:
+        raise DataError(
+            f"bad dataset name {dataset!r}: use letters, digits, '_', '-' and '.' (not starting with '.' "
+            f"or '-', and not {DOWNLOADS_DIR!r})"
+        )
+
+
+def _read_input(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"input file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"input is a directory, not a text file: {path}") from None
+    except PermissionError:
+        raise DataError(f"cannot read input file (permission denied): {path}") from None
+    if not raw:
+        raise DataError(f"input file is empty: {path}")
+    return raw
+
+
+def _decode_utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{where} is not UTF-8 text (bad byte at offset {err.start}); convert it to UTF-8 first"
+        ) from None
+
+
+def _temp_name(path: Path) -> Path:
+    # in the destination's folder, so os.replace is an atomic rename; unique, so parallel writers never clash
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all at once or not at all."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _OneLineErrorParser(prog="python -m train.data", description="Prepare token files for training.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
+    p = commands.add_parser("prepare", help="tokenize a corpus into <data_dir>/<dataset>/")
+    p.add_argument("--dataset", help=f"{' or '.join(BUILTIN_DATASETS)}, or any name with --input (default: its stem)")
+    p.add_argument("--input", help="a local UTF-8 text file to use instead of Tiny Shakespeare")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, help="default: gpt2 for 'shakespeare', char otherwise")
+    p.add_argument("--data_dir", default="data", help="where dataset folders go (default: data)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dataset = args.dataset or (Path(args.input).stem if args.input else None)
+    if dataset is None:
+        parser.error("give --dataset (shakespeare_char or shakespeare) or --input path.txt")
+    try:
+        prepare(dataset, args.data_dir, input_path=args.input, tokenizer=args.tokenizer)
+    except (DataError, TokenizerUnavailableError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no partial files were left", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data pipeline, training loop, strategies, checkpoints and the command line."""

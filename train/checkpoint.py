@@ -1,0 +1,183 @@
+"""Checkpoints: everything needed to continue a run bit for bit, written atomically.
+
+    out_dir/checkpoints/step_0000500/
+        model.safetensors  model.json   the model (gpt/io.py), loadable on its own for sampling
+        state.pt                        optimizer, grad scaler, torch/CUDA RNG states (tensors only)
+        trainer.json                    step, config, numpy/python RNG states, best val loss
+        manifest.json                   written last: step, config hash, sha256 of every file
+
+A checkpoint is written into a temporary directory, each file fsynced, then renamed into
+place, so a crash leaves either the old set or the new one, never half a checkpoint. Loading
+checks the manifest's hashes and falls back to the previous checkpoint when one is damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt.io import load_model, save_model
+
+MANIFEST = "manifest.json"
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint; the message says what was found and why it was refused."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rng_states() -> dict:
+    return dict(
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        numpy=np.random.get_state(legacy=False),
+        python=random.getstate(),
+    )
+
+
+def set_rng_states(tensors: dict, trainer: dict) -> None:
+    torch.set_rng_state(tensors["torch_rng"])
+    if torch.cuda.is_available() and tensors.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+    numpy_state = dict(trainer["numpy_rng"])
+    numpy_state["state"] = dict(key=np.array(numpy_state["state"]["key"], dtype=np.uint32),
+                                pos=numpy_state["state"]["pos"])
+    np.random.set_state(numpy_state)
+    version, state, gauss = trainer["python_rng"]
+    random.setstate((version, tuple(state), gauss))
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    config: dict,
+    tokenizer_meta: dict | None,
+    trainer_state: dict | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write the checkpoint of ``step`` atomically and keep only the newest ``keep_last``."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, tokenizer_meta)
+    rng = rng_states()
+    torch.save(
+        dict(
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            torch_rng=rng["torch"],
+            cuda_rng=rng["cuda"],
+        ),
+        tmp / "state.pt",
+    )
+    numpy_state = dict(rng["numpy"])  # MT19937: its key array becomes a JSON list
+    numpy_state["state"] = dict(key=numpy_state["state"]["key"].tolist(), pos=int(numpy_state["state"]["pos"]))
+    trainer = dict(step=step, config=config, numpy_rng=numpy_state, python_rng=rng["python"],
+                   **(trainer_state or {}))
+    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1) + "\n")
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    manifest = dict(step=step, config_hash=config_hash(config), files={n: _sha256(tmp / n) for n in files})
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _fsync(tmp / MANIFEST)
+    if final.exists():  # the same step saved again (a resumed run): swap, never delete first
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync(root)
+    for stale in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Checkpoint directories under ``out_dir``, oldest first (by step)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def verify(directory: Path) -> str | None:
+    """None if the checkpoint's files match its manifest, else what is wrong."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (an interrupted write?)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "manifest is unreadable"
+    for name, digest in expected.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its sha256 in the manifest (truncated or corrupted)"
+    return None
+
+
+def latest_valid(out_dir: str | Path, warn=print) -> Path | None:
+    """The newest checkpoint that passes ``verify``; damaged newer ones are reported via ``warn``."""
+    for directory in reversed(list_checkpoints(out_dir)):
+        problem = verify(directory)
+        if problem is None:
+            return directory
+        warn(f"checkpoint {directory} is unusable ({problem}); trying the previous one")
+    return None
+
+
+@dataclass
+class Resumed:
+    step: int
+    model: torch.nn.Module
+    trainer: dict
+    tensors: dict  # optimizer / scaler state dicts and RNG tensors, from state.pt
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Resumed:
+    """Read a checkpoint written by ``save_checkpoint`` (every ``torch.load`` is weights_only)."""
+    directory = Path(directory)
+    model, _ = load_model(directory, device=device)
+    # RNG states must stay on the CPU; optimizer.load_state_dict moves its state to the params
+    tensors = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+    trainer = json.loads((directory / "trainer.json").read_text())
+    return Resumed(step=trainer["step"], model=model, trainer=trainer, tensors=tensors)

@@ -1,0 +1,70 @@
+"""Device, precision and the device's peak FLOP/s (for MFU)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from train.config import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Dense tensor-core peaks (FLOP/s) from the vendors' datasheets: (bf16/fp16, tf32).
+PEAK_FLOPS = {
+    "H200": (989e12, 494e12),
+    "H100": (989e12, 494e12),  # SXM; the PCIe card is lower (756e12), matched below
+    "H100 PCIe": (756e12, 378e12),
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "L4": (121e12, 60e12),
+    "A10G": (70e12, 35e12),
+    "RTX 4090": (165e12, 83e12),
+    "RTX 3090": (71e12, 36e12),
+}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA device; use --device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device type {device.type!r} is not supported; use cpu or cuda")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = DTYPES[name]
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{torch.cuda.get_device_name(device)} does not support bf16; use --dtype=fp16 or fp32")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; parameters and optimizer state stay fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak dense FLOP/s of one device at ``dtype``, or None when not known (the CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    matches = [key for key in PEAK_FLOPS if key in name]
+    if not matches:
+        return None
+    half, tf32 = PEAK_FLOPS[max(matches, key=len)]  # the most specific name wins
+    return tf32 if dtype == torch.float32 else half

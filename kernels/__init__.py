@@ -131,12 +131,15 @@ def add_layer_norm(
     eps: float = 1e-5,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x + residual; y = layer_norm(h)``; returns ``(y, h)``, fused where the backend can."""
+    """``h = x + residual; y = layer_norm(h)``; returns ``(y, h)``, fused where the backend can.
+
+    x and residual may differ in dtype (under autocast the residual stream stays fp32 while a
+    block's output is bf16): h and y then take the promoted dtype, as ``x + residual`` would.
+    """
     _check_layer_norm(x, weight, bias, eps)
     _check_float_tensor("residual", residual)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    _check_same("dtype", ("x", "residual"), (x.dtype, residual.dtype))
     _check_same("device", ("x", "residual"), (x.device, residual.device))
     args, kwargs = (x, residual, weight, bias), dict(eps=float(eps))
     return resolve("layer_norm", "add_layer_norm", backend, args, kwargs)(*args, **kwargs)

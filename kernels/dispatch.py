@@ -59,8 +59,9 @@ class BackendError(ValueError):
     """A named backend does not exist, is not installed, or cannot run this call."""
 
 
+# Never mutated in place (use_backend sets a new dict), so the shared empty default is safe.
 _override: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
-    "kernels_backend_override", default={}
+    "kernels_backend_override", default={}  # noqa: B039
 )
 _modules: dict[str, ModuleType | Exception] = {}
 

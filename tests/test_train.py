@@ -1,0 +1,223 @@
+"""Training end to end on the CPU: the loss falls, resume is exact, outputs are written,
+checkpoints are atomic and verified, and bad configuration is refused clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import checkpoint
+from train.config import ConfigError, TrainConfig, load_config, parse_args
+from train.data import prepare
+from train.loop import Trainer, lr_at, train
+from train.sampler import BatchSampler
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, learning_rate=3e-3, min_lr=3e-4,
+            warmup_iters=5, eval_iters=2, progress=False, num_samples=0, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, request) -> Path:
+    from tests.conftest import SHARED_DATA
+
+    text = SHARED_DATA / "tinyshakespeare.txt"
+    if not text.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {text}")
+    root = tmp_path_factory.mktemp("data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GPT_DATA_URL", text.as_uri())
+    request.addfinalizer(mp.undo)
+    prepare("shakespeare_char", root)
+    return root
+
+
+def config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, "data_dir": str(data_dir), "out_dir": str(out_dir), **overrides})
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_lowers_the_loss_and_writes_its_outputs(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(config(data_dir, out, max_iters=60, eval_interval=30, log_interval=10, num_samples=2,
+                          sample_tokens=40), log=lambda *_: None)
+    rows = read_metrics(out)
+    evals = [r for r in rows if "val_loss" in r]
+    logs = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in evals] == [0, 30, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.8  # from ~4.2 (uniform over 65) to ~3
+    assert [r["step"] for r in logs] == [10, 20, 30, 40, 50, 60]
+    assert set(logs[0]) == {"step", "loss", "lr", "tokens_per_s", "mfu"} and logs[0]["tokens_per_s"] > 0
+    assert (out / "loss.png").stat().st_size > 1000
+    samples = (out / "samples.txt").read_text()
+    assert len(result["samples"]) == 2 and result["samples"][0].strip("\n")[:20] in samples
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step_0000030", "step_0000060"]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(data_dir, tmp_path):
+    common = dict(max_iters=16, lr_decay_iters=16, eval_interval=8, log_interval=1, dropout=0.1)
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(config(data_dir, full, **common), log=lambda *_: None)
+    train(config(data_dir, part, **{**common, "max_iters": 8}), log=lambda *_: None)
+    train(config(data_dir, part, **common, resume=True), log=lambda *_: None)
+    losses_full = [r["loss"] for r in read_metrics(full) if "loss" in r]
+    losses_part = [r["loss"] for r in read_metrics(part) if "loss" in r]
+    assert len(losses_full) == 16 and losses_part == losses_full  # bit for bit, dropout included
+    a = checkpoint.load_checkpoint(checkpoint.list_checkpoints(full)[-1]).model.state_dict()
+    b = checkpoint.load_checkpoint(checkpoint.list_checkpoints(part)[-1]).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(data_dir, tmp_path):
+    """Two micro-batches of 4 are the same windows and the same update as one batch of 8."""
+    big = Trainer(config(data_dir, tmp_path / "a", batch_size=8, max_iters=3), log=lambda *_: None)
+    acc = Trainer(config(data_dir, tmp_path / "b", batch_size=4, gradient_accumulation_steps=2, max_iters=3),
+                  log=lambda *_: None)
+    assert sorted(big.sampler.step_offsets(0).ravel()) == sorted(acc.sampler.step_offsets(0).ravel())
+    acc.model.load_state_dict(big.model.state_dict())
+    # batch 8 draws windows in the same order, so micro-step m of acc is rows 4m..4m+3 of big
+    for _ in range(3):
+        loss_big, loss_acc = big.train_step(), acc.train_step()
+        torch.testing.assert_close(loss_big, loss_acc, rtol=1e-5, atol=1e-6)
+    for p, q in zip(big.model.parameters(), acc.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_the_cpu(data_dir, tmp_path, dtype):
+    trainer = Trainer(config(data_dir, tmp_path, dtype=dtype, max_iters=20, eval_interval=20, log_interval=20),
+                      log=lambda *_: None)
+    assert trainer.scaler.is_enabled() == (dtype == "fp16")
+    result = trainer.run()
+    assert result["val_loss"] < 3.6 and torch.isfinite(torch.tensor(result["val_loss"]))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert lr_at(0, cfg) == pytest.approx(1 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
+
+
+def test_a_fresh_run_will_not_silently_replace_checkpoints(data_dir, tmp_path):
+    train(config(data_dir, tmp_path, max_iters=2, eval_interval=2), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="--resume to continue"):
+        Trainer(config(data_dir, tmp_path, max_iters=2))
+    train(config(data_dir, tmp_path, max_iters=4, eval_interval=4, overwrite=True), log=lambda *_: None)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_0000004"]
+
+
+def test_resume_without_checkpoint_is_refused(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="no usable checkpoint"):
+        Trainer(config(data_dir, tmp_path, resume=True))
+
+
+def test_resume_with_another_model_shape_is_refused(data_dir, tmp_path):
+    train(config(data_dir, tmp_path, max_iters=2, eval_interval=2), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="holds a model of shape"):
+        Trainer(config(data_dir, tmp_path, n_embd=64, resume=True))
+
+
+def test_checkpoints_are_verified_and_damaged_ones_skipped(data_dir, tmp_path):
+    train(config(data_dir, tmp_path, max_iters=4, eval_interval=2, keep_last=3), log=lambda *_: None)
+    ckpts = checkpoint.list_checkpoints(tmp_path)
+    assert [p.name for p in ckpts] == ["step_0000002", "step_0000004"]
+    assert all(checkpoint.verify(p) is None for p in ckpts)
+    weights = ckpts[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated
+    warnings = []
+    assert checkpoint.latest_valid(tmp_path, warn=warnings.append) == ckpts[0]
+    assert "model.safetensors does not match its sha256" in warnings[0]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # no temporary directories left behind
+
+
+def test_sampler_windows_are_distinct_and_split_across_ranks():
+    tokens = torch.arange(1000).numpy()
+    samplers = [BatchSampler(tokens, 16, 4, accum_steps=2, seed=3, rank=r, world_size=2) for r in range(2)]
+    single = BatchSampler(tokens, 16, 4, accum_steps=4, seed=3)
+    for step in range(5):
+        per_rank = [set(s.offsets(step, m).tolist()) for s in samplers for m in range(2)]
+        union = set().union(*per_rank)
+        assert len(union) == 16  # no window twice within a step, across ranks and micro-steps
+        assert union == set(single.step_offsets(step).ravel().tolist())  # same global batch as 1 process
+    x, y = samplers[0].batch(0, 0)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and x.dtype == torch.int64
+    with pytest.raises(ValueError, match="too few for block_size"):
+        BatchSampler(tokens[:10], 16, 1)
+    with pytest.raises(ValueError, match="distinct windows"):
+        BatchSampler(tokens[:40], 16, 32)
+
+
+def test_config_layers_and_overrides(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('n_layer = 3\nlearning_rate = 1\ndataset = "x"\n')
+    path, overrides = parse_args(["--config", str(toml), "--n_layer=5", "--compile", "--dropout", "0.1"])
+    cfg = load_config(path, overrides)
+    assert (cfg.n_layer, cfg.learning_rate, cfg.dataset, cfg.compile, cfg.dropout) == (5, 1.0, "x", True, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("toml", "args", "match"),
+    [
+        ("", ["--n_layers=3"], "unknown config key 'n_layers'.*did you mean 'n_layer'"),
+        ("", ["--batch_size=big"], "--batch_size expects int"),
+        ("", ["--compile=maybe"], "--compile expects bool"),
+        ("", ["--batch_size=0"], "batch_size must be >= 1"),
+        ("", ["--n_embd=100", "--n_head=3"], "divisible by n_head"),
+        ("", ["--dtype=fp8"], "dtype must be one of"),
+        ("n_layer = 'four'\n", [], "n_layer expects int"),
+        ("lerning_rate = 1e-3\n", [], "unknown config key 'lerning_rate'"),
+        ("n_layer = \n", [], "not valid TOML"),
+        ("", ["stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_bad_config_is_refused_clearly(tmp_path, toml, args, match):
+    path = None
+    if toml:
+        path = tmp_path / "bad.toml"
+        path.write_text(toml)
+    with pytest.raises(ConfigError, match=match):
+        load_config(*_merge(path, args))
+
+
+def _merge(path, args):
+    parsed_path, overrides = parse_args(args)
+    return path or parsed_path, overrides
+
+
+def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
+    for args in (["--n_layers=2"], ["--device=cuda"] if not torch.cuda.is_available() else ["--dtype=fp8"],
+                 ["--config", str(tmp_path / "missing.toml")]):
+        proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_help_lists_every_key():
+    proc = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--gradient_accumulation_steps" in proc.stdout and "--attn_backend" in proc.stdout
+
+
+def test_sample_cli_is_reproducible(data_dir, tmp_path):
+    train(config(data_dir, tmp_path, max_iters=2, eval_interval=2), log=lambda *_: None)
+    cmd = [sys.executable, "-m", "gpt.sample", "--out_dir", str(tmp_path), "--num_samples=2",
+           "--max_new_tokens=30", "--prompt=ROMEO:", "--seed=5"]
+    first, second = (subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120) for _ in range(2))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("ROMEO:")
+    bad = subprocess.run([*cmd[:-2], "--prompt=ü"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "does not know" in bad.stderr and "Traceback" not in bad.stderr

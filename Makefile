@@ -29,7 +29,8 @@ test: install
 	$(PY) -m pytest -q $(ARGS)
 
 bench: install
-	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/bench-cpu.json $(ARGS)
+	mkdir -p .benchmarks
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-json=.benchmarks/latest.json $(ARGS)
 
 gpu-suite: install
 	$(PY) benchmarks/gpu_suite.py $(ARGS)

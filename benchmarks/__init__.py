@@ -1,0 +1,1 @@
+"""Kernel, training and generation benchmarks (pytest-benchmark), and the GPU suite."""

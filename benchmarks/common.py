@@ -1,0 +1,80 @@
+"""Timing and reporting shared by the benchmarks.
+
+On the CPU, pytest-benchmark times the call (median of its rounds). On CUDA, the figure is
+``triton.testing.do_bench``'s median (warm-up, synchronised, L2 flushed between runs), since
+pytest-benchmark does not synchronise the GPU. Every result is also kept in ``RESULTS`` for
+the summary tables that benchmarks/conftest.py prints at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Result:
+    group: str  # one table per group
+    name: str  # the row: a backend, strategy or model
+    value: float  # higher is better
+    unit: str
+    baseline: str | None = None  # the row of the same group this one is compared with
+    note: str = ""
+
+
+RESULTS: list[Result] = []
+
+
+def seconds_per_call(benchmark, fn: Callable[[], object], rounds: int = 10, warmup: int = 2) -> float:
+    """Median seconds of one call of ``fn`` on DEVICE, recorded in pytest-benchmark's stats."""
+    if DEVICE.type == "cuda":
+        from triton.testing import do_bench
+
+        def synced() -> None:
+            fn()
+            torch.cuda.synchronize()
+
+        benchmark.pedantic(synced, rounds=3, warmup_rounds=1)
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    return benchmark.stats.stats.median
+
+
+def record(benchmark, result: Result) -> Result:
+    benchmark.extra_info.update(group=result.group, name=result.name, value=result.value, unit=result.unit,
+                                baseline=result.baseline, device=device_name())
+    RESULTS.append(result)
+    return result
+
+
+def device_name() -> str:
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def summary_tables(results: list[Result]) -> str:
+    """One table per group: each row's figure and its ratio to the group's baseline."""
+    lines = [f"benchmark results on {device_name()}"]
+    for group in dict.fromkeys(r.group for r in results):
+        rows = [r for r in results if r.group == group]
+        lines.append(f"\n{group}")
+        width = max(len(r.name) for r in rows)
+        for r in rows:
+            base = next((b for b in rows if b.name == r.baseline), None)
+            ratio = f"{r.value / base.value:6.2f}x vs {base.name}" if base and base.value else ""
+            lines.append(f"  {r.name:<{width}}  {_number(r.value):>12} {r.unit:<9} {ratio} {r.note}".rstrip())
+    return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    """Three significant digits or more: 12,345 / 123.4 / 1.23 / 0.0123."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) >= 1e-3 else f"{value:.2e}"

@@ -32,8 +32,9 @@ bench: install
 	mkdir -p .benchmarks
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-json=.benchmarks/latest.json $(ARGS)
 
-gpu-suite: install
-	$(PY) benchmarks/gpu_suite.py $(ARGS)
+# The GPU image brings its own torch and triton (and may have no package index): no venv here.
+gpu-suite:
+	$(PYTHON) benchmarks/gpu_suite.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

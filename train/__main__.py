@@ -1,4 +1,7 @@
-"""``python -m train [--config FILE] [--key=value ...]``: train a GPT (see train/config.py)."""
+"""``python -m train [--config FILE] [--key=value ...]``: train a GPT (see train/config.py).
+
+Distributed: ``torchrun --nproc_per_node=N -m train ...`` or ``deepspeed --num_gpus N --module train
+--strategy=deepspeed ...`` (see train/strategy.py and train/slurm/)."""
 
 from __future__ import annotations
 
@@ -22,8 +25,23 @@ Presets live in train/configs/. Keys and defaults:
 """
 
 
+def drop_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends ``--local_rank=N``; LOCAL_RANK in the environment says the same."""
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = drop_local_rank(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + describe())
         return 0

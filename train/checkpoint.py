@@ -2,7 +2,8 @@
 
     out_dir/checkpoints/step_0000500/
         model.safetensors  model.json   the model (gpt/io.py), loadable on its own for sampling
-        state.pt                        optimizer, grad scaler, torch/CUDA RNG states (tensors only)
+        state.pt                        optimizer, grad scaler, torch/CUDA RNG states (of every rank)
+        deepspeed/                      DeepSpeed's own checkpoint (--strategy=deepspeed): shards per rank
         trainer.json                    step, config, numpy/python RNG states, best val loss
         manifest.json                   written last: step, config hash, sha256 of every file
 
@@ -75,31 +76,48 @@ def set_rng_states(tensors: dict, trainer: dict) -> None:
     random.setstate((version, tuple(state), gauss))
 
 
+def staging_dir(out_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is assembled before ``save_checkpoint`` renames it into
+    place; the same path on every rank, so that all can write their shards into it first."""
+    return Path(out_dir) / "checkpoints" / f".tmp-{PREFIX}{step:07d}"
+
+
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scaler: torch.amp.GradScaler | None,
     config: dict,
     tokenizer_meta: dict | None,
     trainer_state: dict | None = None,
     keep_last: int = 2,
+    extra_state: dict | None = None,
+    staged: Path | None = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically and keep only the newest ``keep_last``."""
+    """Write the checkpoint of ``step`` atomically and keep only the newest ``keep_last``.
+
+    ``extra_state`` (tensors and plain values) goes into state.pt; ``staged`` is a
+    ``staging_dir`` that other writers (DeepSpeed's shards) have filled already: its files
+    join the manifest and the whole directory is renamed into place.
+    """
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if staged is None:
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp = staged
     save_model(model, tmp, tokenizer_meta)
     rng = rng_states()
     torch.save(
         dict(
-            optimizer=optimizer.state_dict(),
+            optimizer=optimizer.state_dict() if optimizer is not None else None,
             scaler=scaler.state_dict() if scaler is not None else None,
             torch_rng=rng["torch"],
             cuda_rng=rng["cuda"],
+            **(extra_state or {}),
         ),
         tmp / "state.pt",
     )
@@ -108,7 +126,7 @@ def save_checkpoint(
     trainer = dict(step=step, config=config, numpy_rng=numpy_state, python_rng=rng["python"],
                    **(trainer_state or {}))
     (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1) + "\n")
-    files = sorted(p.name for p in tmp.iterdir())
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     for name in files:
         _fsync(tmp / name)
     manifest = dict(step=step, config_hash=config_hash(config), files={n: _sha256(tmp / n) for n in files})
@@ -177,7 +195,14 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     """Read a checkpoint written by ``save_checkpoint`` (every ``torch.load`` is weights_only)."""
     directory = Path(directory)
     model, _ = load_model(directory, device=device)
+    trainer, tensors = load_training_state(directory)
+    return Resumed(step=trainer["step"], model=model, trainer=trainer, tensors=tensors)
+
+
+def load_training_state(directory: str | Path) -> tuple[dict, dict]:
+    """trainer.json and state.pt of a checkpoint, without the model."""
+    directory = Path(directory)
     # RNG states must stay on the CPU; optimizer.load_state_dict moves its state to the params
     tensors = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
     trainer = json.loads((directory / "trainer.json").read_text())
-    return Resumed(step=trainer["step"], model=model, trainer=trainer, tensors=tensors)
+    return trainer, tensors

@@ -40,8 +40,8 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     # optimisation: AdamW with linear warmup and cosine decay to min_lr
-    batch_size: int = 32  # micro-batch per process
-    gradient_accumulation_steps: int = 1
+    batch_size: int = 32  # micro-batch of one rank
+    gradient_accumulation_steps: int = 1  # in total over all ranks: the global batch is the same on any number
     max_iters: int = 2000
     learning_rate: float = 2e-3
     min_lr: float = 2e-4
@@ -72,6 +72,10 @@ class TrainConfig:
     ln_backend: str = "auto"  # auto, torch, triton
     seed: int = 1337
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0: look the device up
+    # distributed (see train/strategy.py): launch with torchrun or the deepspeed launcher
+    strategy: str = "auto"  # auto (ddp when launched with several ranks, else single), single, ddp, deepspeed
+    zero_stage: int = -1  # DeepSpeed ZeRO stage 0-3; -1: the stage in --deepspeed_config, else 1
+    deepspeed_config: str = ""  # a DeepSpeed JSON config to start from; our flags fill in the rest
 
     def __post_init__(self) -> None:
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
@@ -93,6 +97,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype must be one of auto, bf16, fp16, fp32; got {self.dtype!r}")
+        if self.strategy not in ("auto", "single", "ddp", "deepspeed"):
+            raise ConfigError(f"strategy must be one of auto, single, ddp, deepspeed; got {self.strategy!r}")
+        if not -1 <= self.zero_stage <= 3:
+            raise ConfigError(f"zero_stage must be 0, 1, 2 or 3 (or -1 for the default), got {self.zero_stage}")
+        if self.deepspeed_config and self.strategy != "deepspeed":
+            raise ConfigError("--deepspeed_config is only used with --strategy=deepspeed")
         if self.tokenizer not in ("", "char", "gpt2"):
             raise ConfigError(f"tokenizer must be 'char' or 'gpt2' (or empty for the dataset's default), "
                               f"got {self.tokenizer!r}")

@@ -1,5 +1,9 @@
 """The training loop: AdamW, warmup + cosine schedule, gradient accumulation, mixed
-precision, periodic evaluation, checkpoints, metrics, a loss plot and samples at the end."""
+precision, periodic evaluation, checkpoints, metrics, a loss plot and samples at the end.
+
+Every rank of a distributed run executes this same loop; how the model, optimizer and
+gradients are spread over ranks is the strategy's business (train/strategy.py). Metrics are
+averaged over ranks, and only rank 0 logs and writes files."""
 
 from __future__ import annotations
 
@@ -16,14 +20,16 @@ import torch
 from tqdm import tqdm
 
 import kernels
+from gpt.config import GPTConfig
 from gpt.generate import generate
 from gpt.model import build_model
 from gpt.tokenizer import tokenizer_from_meta
 from train import checkpoint
 from train.config import ConfigError, TrainConfig
 from train.data import ensure_prepared, load_meta, load_tokens
-from train.device import autocast, peak_flops, pick_device, pick_dtype
+from train.device import peak_flops
 from train.sampler import BatchSampler
+from train.strategy import Strategy, make_strategy
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -40,10 +46,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, log=print):
-        self.cfg, self.log = cfg, log
-        self.device = pick_device(cfg.device)
-        self.dtype = pick_dtype(cfg.dtype, self.device)
+    def __init__(self, cfg: TrainConfig, log=print, strategy: Strategy | None = None):
+        self.strategy = strategy = strategy or make_strategy(cfg)
+        self.cfg, self.log = cfg, log if strategy.is_main else (lambda *_: None)
+        self.device, self.dtype = strategy.device, strategy.dtype
         self.out_dir = Path(cfg.out_dir)
         for op, name in (("attention", cfg.attn_backend), ("layer_norm", cfg.ln_backend)):
             if name != "auto" and name not in kernels.available_backends(op, self.device):
@@ -58,27 +64,27 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        data = ensure_prepared(cfg.dataset, cfg.data_dir, cfg.input or None, cfg.tokenizer or None)
+        data = self._prepare_data()
         self.meta = load_meta(data)
         self.tokenizer = tokenizer_from_meta(self.meta["tokenizer"])
         train_tokens, val_tokens = load_tokens(data, "train"), load_tokens(data, "val")
-        accum, B, T = cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size
-        self.sampler = BatchSampler(train_tokens, T, B, accum, seed=cfg.seed)
+        B, T = cfg.batch_size, cfg.block_size
+        # each rank takes its own slice of every step's global batch
+        self.sampler = BatchSampler(train_tokens, T, B, strategy.accum_steps, seed=cfg.seed,
+                                    rank=strategy.rank, world_size=strategy.world_size)
         # evaluation reads fixed windows (its own seeds), so every evaluation sees the same data
         self.eval_samplers = dict(
             train=BatchSampler(train_tokens, T, B, seed=cfg.seed + 1),
             val=BatchSampler(val_tokens, T, B, seed=cfg.seed + 2),
         )
-        self.tokens_per_step = accum * B * T
+        self.tokens_per_step = cfg.gradient_accumulation_steps * B * T  # global: over all ranks
 
-        self.model = build_model(cfg.model_config(self.meta["vocab_size"])).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.optimizer_groups(cfg.weight_decay),
-            lr=cfg.learning_rate,
-            betas=(cfg.beta1, cfg.beta2),
-            fused=self.device.type == "cuda",
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        model = build_model(cfg.model_config(self.meta["vocab_size"])).to(self.device)
+        # counted before the strategy may partition the weights over ranks (ZeRO-3)
+        self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(T)
+        strategy.setup(model)
+        if strategy.world_size > 1:  # the same initial weights everywhere, but each rank its own dropout
+            torch.manual_seed(cfg.seed + strategy.rank)
         self.step, self.best_val = 0, float("inf")
         if cfg.resume:
             self._resume()
@@ -87,28 +93,44 @@ class Trainer:
                 f"{self.out_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
                 "--overwrite to start afresh and replace them, or choose another --out_dir"
             )
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.peak = cfg.peak_flops or peak_flops(self.device, self.dtype)
-        self.flops_per_token = self.model.flops_per_token(T)
+        self.forward = strategy.forward
+        peak = cfg.peak_flops or peak_flops(self.device, self.dtype)
+        self.peak = peak * strategy.world_size if peak else None  # MFU of all devices together
         self.history: list[dict] = []
 
+    # the plain model (for evaluation, sampling and checkpoints), its optimizer and fp16 scaler
+    model = property(lambda self: self.strategy.model)
+    optimizer = property(lambda self: self.strategy.optimizer)
+    scaler = property(lambda self: self.strategy.scaler)
+
+    def _prepare_data(self) -> Path:
+        """Rank 0 prepares the data while the others wait; then the first rank of every other
+        node, in case its filesystem is not shared; then everyone opens it."""
+        cfg, strategy = self.cfg, self.strategy
+        args = (cfg.dataset, cfg.data_dir, cfg.input or None, cfg.tokenizer or None)
+        if strategy.is_main:
+            ensure_prepared(*args)
+        strategy.barrier()
+        if strategy.local_rank == 0 and not strategy.is_main:
+            ensure_prepared(*args)
+        strategy.barrier()
+        return ensure_prepared(*args)
+
     def _resume(self) -> None:
-        directory = checkpoint.latest_valid(self.out_dir, warn=self.log)
+        # rank 0 verifies the checkpoints (hashing every file once) and tells the others which to load
+        directory = checkpoint.latest_valid(self.out_dir, warn=self.log) if self.strategy.is_main else None
+        directory = self.strategy.broadcast_object(directory)
         if directory is None:
             raise ConfigError(f"--resume: no usable checkpoint in {self.out_dir / 'checkpoints'}")
-        resumed = checkpoint.load_checkpoint(directory, self.device)
-        if resumed.model.config != self.model.config:
+        saved = GPTConfig.from_dict(json.loads((directory / "model.json").read_text())["config"])
+        if saved != self.model.config:
             raise ConfigError(
-                f"checkpoint {directory} holds a model of shape {resumed.model.config.to_dict()}, "
+                f"checkpoint {directory} holds a model of shape {saved.to_dict()}, "
                 f"but this run asks for {self.model.config.to_dict()}"
             )
-        self.model.load_state_dict(resumed.model.state_dict())
-        self.optimizer.load_state_dict(resumed.tensors["optimizer"])
-        if resumed.tensors["scaler"] is not None:
-            self.scaler.load_state_dict(resumed.tensors["scaler"])
-        checkpoint.set_rng_states(resumed.tensors, resumed.trainer)
-        self.step = resumed.step
-        self.best_val = resumed.trainer.get("best_val", float("inf"))
+        trainer_state = self.strategy.load(directory)
+        self.step = trainer_state["step"]
+        self.best_val = trainer_state.get("best_val", float("inf"))
         self.log(f"resumed from {directory} at step {self.step}")
 
     def _batch(self, sampler: BatchSampler, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,52 +140,52 @@ class Trainer:
         return x, y
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over all micro-batches; returns the mean loss (on the device)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.cfg)
-        accum = self.cfg.gradient_accumulation_steps
+        """One optimizer step over this rank's micro-batches; returns its mean loss (on the device)."""
+        strategy = self.strategy
+        strategy.set_lr(lr_at(self.step, self.cfg))
+        accum = strategy.accum_steps
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
             x, y = self._batch(self.sampler, self.step, micro)
-            with autocast(self.device, self.dtype):
-                _, loss = self.forward(x, y)
-            loss = loss / accum
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+            with strategy.micro_step(last=micro == accum - 1):  # DDP syncs gradients on the last only
+                with strategy.autocast():
+                    _, loss = self.forward(x, y)
+                strategy.backward(loss)
+            total += loss.detach() / accum
+        strategy.step()
         self.step += 1
         return total
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Mean loss over eval_iters fixed batches, shared out over the ranks: batch i goes to
+        rank i % world_size. Every rank runs the same number of forwards (ZeRO-3 gathers
+        weights collectively), padding with a repeated batch that is not counted."""
+        strategy, n = self.strategy, self.cfg.eval_iters
         self.model.eval()
         losses = {}
         for split, sampler in self.eval_samplers.items():
-            total = 0.0
-            for i in range(self.cfg.eval_iters):
-                x, y = self._batch(sampler, i, 0)
-                with autocast(self.device, self.dtype):
-                    _, loss = self.forward(x, y)
-                total += loss.item()
-            losses[split] = total / self.cfg.eval_iters
+            total = torch.zeros((), device=self.device, dtype=torch.float64)
+            for first in range(0, n, strategy.world_size):
+                i = first + strategy.rank
+                x, y = self._batch(sampler, i % n, 0)
+                with strategy.autocast():
+                    _, loss = self.strategy.eval_forward(x, y)
+                if i < n:
+                    total += loss.double()
+            losses[split] = strategy.all_reduce_sum(total).item() / n
         self.model.train()
         return losses
 
-    def save(self) -> Path:
-        return checkpoint.save_checkpoint(
-            self.out_dir, self.step, self.model, self.optimizer, self.scaler if self.scaler.is_enabled() else None,
-            self.cfg.to_dict(), self.meta["tokenizer"], dict(best_val=self.best_val), keep_last=self.cfg.keep_last,
-        )
+    def save(self) -> Path | None:
+        """Checkpoint (on every rank: DeepSpeed writes shards); its path on rank 0, else None."""
+        return self.strategy.save(self.out_dir, self.step, self.meta["tokenizer"], dict(best_val=self.best_val))
 
     def _record(self, row: dict) -> None:
         self.history.append(row)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.strategy.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def _eval_and_save(self) -> None:
         losses = self.evaluate()
@@ -173,22 +195,29 @@ class Trainer:
 
     def run(self) -> dict:
         """Train to max_iters; returns the last evaluation's losses and the run's throughput."""
-        cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:  # a fresh run: the earlier run's metrics and checkpoints go
-            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-            for old in checkpoint.list_checkpoints(self.out_dir):
-                shutil.rmtree(old)
+        cfg, strategy = self.cfg, self.strategy
+        if strategy.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg.resume:  # a fresh run: the earlier run's metrics and checkpoints go
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+                for old in checkpoint.list_checkpoints(self.out_dir):
+                    shutil.rmtree(old)
+        strategy.barrier()
         ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
         self.log(
-            f"training {cfg.model} with {self.model.num_params() / 1e6:.2f}M parameters on {self.device} "
-            f"({str(self.dtype).removeprefix('torch.')}), {self.tokens_per_step:,} tokens per step, "
+            f"training {cfg.model} with {self.num_params / 1e6:.2f}M parameters on {self.device} "
+            f"({str(self.dtype).removeprefix('torch.')}) with strategy {strategy.name}, "
             f"steps {self.step} -> {cfg.max_iters}"
+        )
+        self.log(
+            f"global batch: {cfg.batch_size} sequences x {strategy.accum_steps} micro-steps x "
+            f"{strategy.world_size} rank(s) x {cfg.block_size} tokens = {self.tokens_per_step:,} tokens per step"
         )
         with ExitStack() as stack:
             stack.enter_context(kernels.use_backend(attention=cfg.attn_backend, layer_norm=cfg.ln_backend))
             bar = stack.enter_context(
-                tqdm(total=cfg.max_iters, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+                tqdm(total=cfg.max_iters, initial=self.step, disable=not (cfg.progress and strategy.is_main),
+                     unit="step", dynamic_ncols=True)
             )
             if self.step == 0 and cfg.max_iters > 0:
                 self._eval_and_save()
@@ -197,6 +226,7 @@ class Trainer:
                 loss = self.train_step()
                 bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
+                    loss = strategy.all_reduce_mean(loss)  # the mean over the global batch
                     now = time.perf_counter()
                     tokens_per_s = (self.step - step_last) * self.tokens_per_step / (now - t_last)
                     mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else None
@@ -215,22 +245,24 @@ class Trainer:
             elapsed = time.perf_counter() - start
             evals = [r for r in self.history if "val_loss" in r]
             result = {**(evals[-1] if evals else {}), "step": self.step, "seconds": elapsed}
-            if evals:
+            if evals and strategy.is_main:
                 plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
             if cfg.num_samples and cfg.sample_tokens:
                 result["samples"] = self.write_samples()
         return result
 
     def write_samples(self) -> list[str]:
-        """Sample from the trained model, print the samples and save them to samples.txt."""
+        """Sample from the trained model, print the samples and save them to samples.txt. Every
+        rank samples the same (ZeRO-3 needs all ranks for a forward); rank 0 writes."""
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
         start = self.tokenizer.encode("\n") if self.tokenizer.name == "char" else [self.tokenizer.eot_token]
         idx = torch.tensor([start] * self.cfg.num_samples, device=self.device)
-        with autocast(self.device, self.dtype):
+        with self.strategy.autocast():
             out = generate(self.model, idx, self.cfg.sample_tokens, temperature=0.8, top_k=200, generator=generator)
         samples = [self.tokenizer.decode(row.tolist()) for row in out]
         text = "\n\n---------------\n\n".join(s.strip("\n") for s in samples) + "\n"
-        (self.out_dir / "samples.txt").write_text(text)
+        if self.strategy.is_main:
+            (self.out_dir / "samples.txt").write_text(text)
         self.log("samples:\n" + text)
         return samples
 
@@ -260,4 +292,8 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
-    return Trainer(cfg, log=log).run()
+    strategy = make_strategy(cfg)
+    try:
+        return Trainer(cfg, log=log, strategy=strategy).run()
+    finally:
+        strategy.teardown()

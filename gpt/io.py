@@ -30,6 +30,19 @@ def save_model(model: torch.nn.Module, directory: str | Path, tokenizer_meta: di
     (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def find_model_dir(path: str | Path) -> Path:
+    """``path`` itself if it holds a model, else the newest ``checkpoints/step_*`` under it
+    (a training run's output folder)."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return path
+    steps = sorted((path / "checkpoints").glob("step_*"), key=lambda p: p.name)
+    steps = [p for p in steps if (p / WEIGHTS_FILE).is_file()]
+    if not steps:
+        raise FileNotFoundError(f"no model in {path}: expected {WEIGHTS_FILE} or checkpoints/step_*/ (train first)")
+    return steps[-1]
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Build the model described in ``model.json`` and load its weights; returns (model, info)."""
     directory = Path(directory)

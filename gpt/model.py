@@ -3,6 +3,10 @@
 Attention and LayerNorm go through ``kernels``, so the backend (torch, sdpa, flash_attn,
 triton) is chosen outside the model: ``with kernels.use_backend(attention="triton"): ...``.
 Parameter names follow nanoGPT / GPT-2, so their weights map onto ours one to one.
+
+Generation passes a ``KVCache`` to ``GPT.forward``: the keys and values of the tokens already
+seen are kept, so each new token costs one position's work instead of the whole context's.
+Training never passes one.
 """
 
 from __future__ import annotations
@@ -17,21 +21,60 @@ import kernels
 from gpt.config import GPTConfig
 
 
-class CausalSelfAttention(nn.Module):
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, for fast generation.
+
+    Each layer's buffers are (B, n_head, block_size, head_dim), allocated on the first write
+    with the dtype and device of the keys written (bf16 under autocast, say). ``length`` is
+    how many positions are filled; the model appends the new tokens' keys and values and
+    advances it once per forward pass.
+    """
+
     def __init__(self, config: GPTConfig):
+        self.block_size = config.block_size
+        self.k: list[torch.Tensor | None] = [None] * config.n_layer
+        self.v: list[torch.Tensor | None] = [None] * config.n_layer
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``, ``v`` (B, H, T, D) after the cached positions of ``layer``; return that
+        layer's keys and values for every position so far (views, no copies)."""
+        if self.k[layer] is None:
+            B, H, _, D = k.shape
+            self.k[layer] = k.new_empty(B, H, self.block_size, D)
+            self.v[layer] = v.new_empty(B, H, self.block_size, D)
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reset(self) -> None:
+        """Forget every position (the buffers stay allocated)."""
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer  # which of the cache's layers is ours
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): views, no copies
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = kernels.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None:
+            # attend to the cached positions too; the causal mask is aligned bottom-right, so
+            # the T new queries see every cached key and the new keys up to their own position
+            k, v = cache.update(self.layer, k, v)
+        # a single query (one decoding step) sees every key: no mask to build (the same result, faster)
+        causal = T > 1
+        y = kernels.attention(q, k, v, causal=causal, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -51,15 +94,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN Transformer block: x + attn(ln_1(x)), then + mlp(ln_2(...))."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = kernels.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = kernels.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        a = self.attn(self.ln_1(x), cache)
         y, x = self.ln_2(a, residual=x)  # x = x + a; y = ln_2(x): one fused kernel where available
         return x + self.mlp(y)
 
@@ -73,7 +116,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
                 ln_f=kernels.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
@@ -93,19 +136,29 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, last_only: bool = False
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        last_only: bool = False,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T), and the mean cross-entropy if targets are given.
 
         ``last_only`` computes logits for the last position only (generation needs no more).
+        With a ``cache``, ``idx`` continues the cached tokens: its positions start at
+        ``cache.length``, and its keys and values are added to the cache.
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            cached = f" ({start} cached + {T} new)" if start else ""
+            raise ValueError(f"sequence length {start + T}{cached} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += T
         x = self.transformer.ln_f(x)
         if last_only:
             return self.lm_head(x[:, -1:, :]), None

@@ -1,7 +1,12 @@
 """``python -m gpt.sample --out_dir DIR``: sample text from a trained model.
 
 DIR is a training run's output folder (its newest checkpoint is used) or a model directory
-(``model.safetensors`` + ``model.json``).
+(``model.safetensors`` + ``model.json``). ``--init_from`` samples from other weights instead:
+``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (a local copy, see gpt/pretrained.py),
+a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt, or any model path.
+
+One sample is printed as it is generated; several are generated together and printed one
+after another. Each sample is printed with its prompt, then a line of dashes.
 """
 
 from __future__ import annotations
@@ -12,55 +17,81 @@ from pathlib import Path
 
 import torch
 
-from gpt.generate import generate
-from gpt.io import WEIGHTS_FILE, load_model
+from gpt.generate import generate_text
+from gpt.io import find_model_dir, load_model
+from gpt.pretrained import load_pretrained
 from gpt.tokenizer import TokenizerUnavailableError, tokenizer_from_meta
 
+SEPARATOR = "---------------"
 
-def find_model_dir(path: Path) -> Path:
-    """``path`` itself if it holds a model, else the newest ``checkpoints/step_*`` under it."""
-    if (path / WEIGHTS_FILE).is_file():
-        return path
-    steps = sorted((path / "checkpoints").glob("step_*"), key=lambda p: p.name)
-    steps = [p for p in steps if (p / WEIGHTS_FILE).is_file()]
-    if not steps:
-        raise FileNotFoundError(f"no model in {path}: expected {WEIGHTS_FILE} or checkpoints/step_*/ (train first)")
-    return steps[-1]
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _unescape(text: str) -> str:
+    """``\\n`` and ``\\t`` as typed in a shell become a newline and a tab; ``\\\\`` a backslash."""
+    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/shakespeare_char_cpu", help="training output folder or model directory")
+    p.add_argument("--init_from", default=None,
+                   help="gpt2|gpt2-medium|gpt2-large|gpt2-xl|PATH: sample from these weights instead of --out_dir")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--stop", default=None, metavar="TEXT",
+                   help="end a sample after this text (backslash escapes like \\n work); stop once all have it")
+    p.add_argument("--kv_cache", type=_bool, default=True, metavar="true|false",
+                   help="reuse the keys and values of earlier tokens (fast; default true)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args(argv)
     try:
         device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-        directory = find_model_dir(Path(args.out_dir))
-        model, info = load_model(directory, device)
-        if not info.get("tokenizer"):
-            raise ValueError(f"{directory} has no tokenizer description; cannot encode the prompt")
-        tokenizer = tokenizer_from_meta(info["tokenizer"])
-        prompt = tokenizer.encode(args.prompt)
-        if not prompt:
+        if args.init_from:
+            model, tokenizer_meta = load_pretrained(args.init_from, device)
+            source = args.init_from
+        else:
+            directory = find_model_dir(Path(args.out_dir))
+            model, info = load_model(directory, device)
+            tokenizer_meta, source = info.get("tokenizer"), directory
+        if not tokenizer_meta:
+            raise ValueError(f"{source} has no tokenizer description; cannot encode the prompt")
+        tokenizer = tokenizer_from_meta(tokenizer_meta)
+        stop = _unescape(args.stop) if args.stop else None
+        if not tokenizer.encode(args.prompt):  # checked before anything is printed
             raise ValueError("the prompt is empty after tokenization; give at least one character")
         if args.num_samples < 1:
             raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
         generator = torch.Generator(device).manual_seed(args.seed)
-        idx = torch.tensor([prompt] * args.num_samples, device=device)
-        out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
+        streaming = args.num_samples == 1
+        if streaming:
+            print(args.prompt, end="", flush=True)
+        samples = generate_text(
+            model, tokenizer, args.prompt, args.max_new_tokens, args.num_samples, args.temperature, args.top_k,
+            args.top_p, generator, kv_cache=args.kv_cache, stop=stop,
+            on_text=(lambda piece: print(piece, end="", flush=True)) if streaming else None,
+        )
     except (FileNotFoundError, ValueError, TokenizerUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for row in out:
-        print(tokenizer.decode(row.tolist()))
-        print("---------------")
+    if streaming:
+        print()
+        print(SEPARATOR)
+        return 0
+    for text in samples:
+        print(text)
+        print(SEPARATOR, flush=True)
     return 0
 
 

@@ -18,6 +18,7 @@ fallback; ``auto`` walks a preference list and takes the first backend that can.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import importlib
 import os
@@ -99,7 +100,11 @@ def _why_not(module: ModuleType, op: str, fn: str, args: tuple, kwargs: dict) ->
 
 
 def _parse_env() -> dict[str, str]:
-    raw = os.environ.get(ENV_VAR, "").strip()
+    return _parse_env_text(os.environ.get(ENV_VAR, "").strip())
+
+
+@functools.lru_cache(maxsize=8)  # parsed once per distinct value: this runs on every kernel call
+def _parse_env_text(raw: str) -> dict[str, str]:
     choice: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
         op, sep, name = item.partition("=")

@@ -19,6 +19,7 @@ from kernels.dispatch import (
     REGISTRY,
     BackendError,
     available_backends,
+    preload,
     resolve,
     selected,
     use_backend,
@@ -32,6 +33,7 @@ __all__ = [
     "attention",
     "available_backends",
     "layer_norm",
+    "preload",
     "selected",
     "use_backend",
 ]

@@ -18,8 +18,6 @@ fallback; ``auto`` walks a preference list and takes the first backend that can.
 from __future__ import annotations
 
 import contextlib
-import functools
-import contextvars
 import importlib
 import os
 from collections.abc import Iterator
@@ -60,10 +58,10 @@ class BackendError(ValueError):
     """A named backend does not exist, is not installed, or cannot run this call."""
 
 
-# Never mutated in place (use_backend sets a new dict), so the shared empty default is safe.
-_override: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
-    "kernels_backend_override", default={}  # noqa: B039
-)
+# The choices of the active ``use_backend`` blocks, innermost last. A plain module-level list
+# rather than a ContextVar because torch.compile can read (and guard on) globals but cannot
+# trace ContextVar.get; the price is that a choice applies to the whole process, not per thread.
+_overrides: list[dict[str, str]] = []
 _modules: dict[str, ModuleType | Exception] = {}
 
 
@@ -99,11 +97,18 @@ def _why_not(module: ModuleType, op: str, fn: str, args: tuple, kwargs: dict) ->
     return check(fn, *args, **kwargs) if check is not None else None
 
 
+_env_choices: dict[str, dict[str, str]] = {}  # GPT_KERNELS value -> parsed choice
+
+
 def _parse_env() -> dict[str, str]:
-    return _parse_env_text(os.environ.get(ENV_VAR, "").strip())
+    """The choice in GPT_KERNELS, parsed once per distinct value (this runs on every kernel call)."""
+    raw = os.environ.get(ENV_VAR, "").strip()
+    parsed = _env_choices.get(raw)
+    if parsed is None:
+        parsed = _env_choices[raw] = _parse_env_text(raw)
+    return parsed
 
 
-@functools.lru_cache(maxsize=8)  # parsed once per distinct value: this runs on every kernel call
 def _parse_env_text(raw: str) -> dict[str, str]:
     choice: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
@@ -124,8 +129,9 @@ def selected(op: str, backend: str | None = None) -> str:
     if backend is not None:
         _check_choice(op, backend)
         return backend
-    if op in _override.get():
-        return _override.get()[op]
+    for choice in reversed(_overrides):
+        if op in choice:
+            return choice[op]
     return _parse_env().get(op, "auto")
 
 
@@ -155,11 +161,25 @@ def use_backend(**choice: str) -> Iterator[None]:
     """Choose backends for the enclosed code: ``with use_backend(attention="sdpa"): ...``."""
     for op, name in choice.items():
         _check_choice(op, name)
-    token = _override.set({**_override.get(), **choice})
+        _preload(op, name)
+    _overrides.append(dict(choice))
     try:
         yield
     finally:
-        _override.reset(token)
+        _overrides.pop()
+
+
+def _preload(op: str, name: str) -> None:
+    """Import the backend modules this choice may use now, outside any traced code:
+    ``torch.compile(fullgraph=True)`` cannot trace an import at the first kernel call."""
+    if name != "auto":
+        _load(op, name)  # a named backend that is not installed fails here, early
+        return
+    for candidate in dict.fromkeys(c for order in AUTO_ORDER[op].values() for c in order):
+        try:
+            _load(op, candidate)
+        except BackendError:
+            pass  # auto skips what is not installed
 
 
 def available_backends(op: str, device: str | torch.device = "cpu") -> list[str]:
@@ -191,3 +211,15 @@ def _probe_args(op: str, device: torch.device) -> tuple[tuple, dict]:
         return (q, q, q), dict(causal=True, dropout_p=0.0, scale=0.125)
     x = torch.empty(1, 64, **meta)
     return (x, x[0], x[0]), dict(eps=1e-5)
+
+
+def preload(**choice: str) -> None:
+    """Import the backends that ``choice`` (default: the current selection) may run, before
+    ``torch.compile`` traces a call to them. ``use_backend`` does this for you."""
+    for op in REGISTRY:
+        _preload(op, choice.get(op) or selected(op))
+
+
+# The PyTorch backends are cheap to import and are what ``auto`` runs on the CPU.
+for _op, _name in (("attention", "torch"), ("attention", "sdpa"), ("layer_norm", "torch")):
+    _load(_op, _name)

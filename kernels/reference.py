@@ -23,11 +23,16 @@ def causal_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
     return j <= i + (t_k - t_q)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: half types are upcast, fp64 stays fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float
 ) -> torch.Tensor:
     with torch.autocast(q.device.type, enabled=False):
-        att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+        att = (_wide(q) @ _wide(k).transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
         if causal:
             visible = causal_mask(q.shape[-2], k.shape[-2], q.device)
             att = att.masked_fill(~visible, float("-inf"))
@@ -37,16 +42,17 @@ def attention(
             att = att.nan_to_num(0.0)
         if dropout_p > 0.0:
             att = F.dropout(att, p=dropout_p, training=True)
-        return (att @ v.float()).to(q.dtype)
+        return (att @ _wide(v)).to(q.dtype)
 
 
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
-        w = weight.float() if weight is not None else None
-        b = bias.float() if bias is not None else None
-        return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
+        x_wide = _wide(x)
+        w = weight.to(x_wide.dtype) if weight is not None else None
+        b = bias.to(x_wide.dtype) if bias is not None else None
+        return F.layer_norm(x_wide, x.shape[-1:], w, b, eps).to(x.dtype)
 
 
 def add_layer_norm(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -164,3 +166,32 @@ def test_save_and_load_round_trip(tmp_path):
     idx = torch.randint(0, 50, (1, 10))
     torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tying survives the round trip
+
+
+COMPILE_SCRIPT = """
+import torch, kernels
+from gpt.config import GPTConfig
+from gpt.model import GPT
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
+idx = torch.randint(0, 50, (2, 16))
+for choice in ({{}}, {{"attention": "torch"}}, {{"attention": "sdpa"}}):
+    with kernels.use_backend(**choice):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        loss = compiled(idx, idx)[1]
+        loss.backward()
+        torch.testing.assert_close(loss, model(idx, idx)[1])
+        torch._dynamo.reset()
+print("ok")
+"""
+
+
+def test_model_compiles_without_graph_breaks_in_a_fresh_process():
+    """fullgraph=True fails on any graph break: the dispatch (backend choice, env var, module
+    lookup) must be traceable, even on the first kernel call of the process."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT.format()], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -1,22 +1,19 @@
 """``python -m train [--config FILE] [--key=value ...]``: train a GPT (see train/config.py).
 
 Distributed: ``torchrun --nproc_per_node=N -m train ...`` or ``deepspeed --num_gpus N --module train
---strategy=deepspeed ...`` (see train/strategy.py and train/slurm/)."""
+--strategy=deepspeed ...`` (see train/strategy.py and train/slurm/).
+
+Exit codes: 0 done; 2 a user error (one line on stderr); 75 stopped by SIGTERM/SIGINT after writing
+a checkpoint (run again with --resume); 3 a NaN/inf loss under --nan_policy=stop (see train/faults.py)."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from gpt.tokenizer import TokenizerUnavailableError
-from kernels import BackendError
-from train.checkpoint import CheckpointError
-from train.config import ConfigError, describe, load_config, parse_args
-from train.data import DataError
-from train.loop import train
-
-# Errors whose message is meant for the user: printed as one line, no traceback.
-USER_ERRORS = (ConfigError, BackendError, DataError, CheckpointError, TokenizerUnavailableError, FileNotFoundError)
+from train.config import describe, load_config, parse_args
+from train.faults import TrainingStopped
+from train.loop import USER_ERRORS, train  # errors whose message is for the user: one line, no traceback
 
 USAGE = """usage: python -m train [--config FILE] [--key=value ...]
 
@@ -48,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(*parse_args(argv))
         train(cfg)
-    except KeyboardInterrupt:
+    except TrainingStopped as stop:  # a stop signal, or a NaN under --nan_policy=stop: checkpointed
+        if stop.announce:
+            print(stop, file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one
         print("\ninterrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as err:

@@ -57,10 +57,12 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 50
     out_dir: str = "out"
-    resume: bool = False  # continue from the newest good checkpoint in out_dir
+    resume: str = "false"  # true: continue from the newest good checkpoint in out_dir; auto: if there is one
     overwrite: bool = False  # a fresh run may replace an earlier run's checkpoints in out_dir
     checkpoint_interval: int = 0  # 0: checkpoint at every evaluation
     keep_last: int = 2  # checkpoints kept on disk
+    init_from: str = "scratch"  # scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a model's path
+    nan_policy: str = "stop"  # a NaN/inf loss or gradient norm: stop (checkpoint, exit 3) or skip the step
     num_samples: int = 2  # samples printed and saved when training ends
     sample_tokens: int = 300
     progress: bool = True  # tqdm progress bar
@@ -78,6 +80,14 @@ class TrainConfig:
     deepspeed_config: str = ""  # a DeepSpeed JSON config to start from; our flags fill in the rest
 
     def __post_init__(self) -> None:
+        resume = str(self.resume).lower()  # True/False from Python, text from the command line
+        self.resume = {"1": "true", "yes": "true", "0": "false", "no": "false", "": "false"}.get(resume, resume)
+        if self.resume not in ("false", "true", "auto"):
+            raise ConfigError(f"resume must be true, false or auto; got {self.resume!r}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ConfigError(f"nan_policy must be stop or skip; got {self.nan_policy!r}")
+        if not self.init_from:
+            raise ConfigError("init_from must be scratch, resume, a GPT-2 name or a path; got ''")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
                     "eval_interval", "eval_iters", "log_interval", "keep_last")
         for name in positive:
@@ -120,6 +130,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+BARE_FLAGS = {"resume"}  # not bool-typed (true, false or auto), but a bare --resume means --resume=true
+
+
 def _field_type(name: str) -> type:
     hints = typing.get_type_hints(TrainConfig)
     t = hints[name]
@@ -146,6 +159,8 @@ def _coerce(name: str, value: object, from_text: bool) -> object:
         except ValueError:
             raise ConfigError(f"--{name} expects {t.__name__}, got {value!r}") from None
         return text
+    if name in BARE_FLAGS and isinstance(value, bool):  # resume = true in a TOML file
+        return str(value).lower()
     # values from TOML already carry a type: check it (an int is a fine float, a bool is no int)
     ok = isinstance(value, t) and not (t is int and isinstance(value, bool))
     if t is float and isinstance(value, int) and not isinstance(value, bool):
@@ -195,7 +210,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict[str, str]]:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is not None and not nxt.startswith("--"):
                 value, i = nxt, i + 1
-            elif key in {f.name for f in fields(TrainConfig)} and _field_type(key) is bool:
+            elif key in BARE_FLAGS or key in {f.name for f in fields(TrainConfig)} and _field_type(key) is bool:
                 value = "true"
             elif key != "config":
                 raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")

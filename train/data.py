@@ -150,7 +150,11 @@ def ensure_prepared(
     In multi-process training call this on one rank, then wait at a barrier.
     """
     folder = Path(data_dir) / dataset
-    if not all((folder / name).is_file() for name in ("train.bin", "val.bin", "meta.json")):
+    missing = [name for name in ("train.bin", "val.bin", "meta.json") if not (folder / name).is_file()]
+    if missing:
+        if (folder / "meta.json").is_file() and input_path is None and dataset not in BUILTIN_DATASETS:
+            raise DataError(f"{folder / missing[0]} is missing and there is no text to make it from; pass the "
+                            f"text it was prepared from (--input path.txt) or another --dataset")
         return prepare(dataset, data_dir, input_path=input_path, tokenizer=tokenizer)
     meta = load_meta(folder)
     prepared_with = meta["tokenizer"].get("name")
@@ -206,6 +210,19 @@ def load_tokens(folder: str | Path, split: str) -> np.memmap:
             "the folder is damaged or half-written: prepare the data again"
         )
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def check_token_ids(folder: str | Path, split: str, tokens: np.ndarray, vocab_size: int) -> None:
+    """Refuse token ids >= ``vocab_size`` (they would index past the embedding); one pass over
+    the data in chunks, so a memmap larger than memory is fine."""
+    chunk = 1 << 26
+    for start in range(0, len(tokens), chunk):
+        largest = int(tokens[start : start + chunk].max())
+        if largest >= vocab_size:
+            raise DataError(
+                f"{Path(folder) / f'{split}.bin'} holds token id {largest}, but meta.json says the vocabulary has "
+                f"{vocab_size} tokens: the file was written by another tokenizer or is damaged; prepare the data again"
+            )
 
 
 def load_tokenizer(folder: str | Path) -> CharTokenizer | GPT2Tokenizer:

@@ -7,8 +7,10 @@ averaged over ranks, and only rank 0 logs and writes files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -23,13 +25,27 @@ import kernels
 from gpt.config import GPTConfig
 from gpt.generate import generate
 from gpt.model import build_model
-from gpt.tokenizer import tokenizer_from_meta
+from gpt.tokenizer import TokenizerUnavailableError, tokenizer_from_meta
 from train import checkpoint
 from train.config import ConfigError, TrainConfig
-from train.data import ensure_prepared, load_meta, load_tokens
+from train.data import DataError, check_token_ids, ensure_prepared, load_meta, load_tokens
 from train.device import peak_flops
+from train.faults import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    FaultInjection,
+    NonFiniteError,
+    RunLock,
+    StopSignals,
+    TrainingStopped,
+)
 from train.sampler import BatchSampler
 from train.strategy import Strategy, make_strategy
+
+# errors whose message is for the user; a rank that hits one tells the others (see Trainer._together)
+USER_ERRORS = (ConfigError, kernels.BackendError, DataError, checkpoint.CheckpointError, TokenizerUnavailableError,
+               FileNotFoundError)
+PRETRAINED_SHAPE = ("model", "n_layer", "n_head", "n_embd", "bias")  # taken from the weights with --init_from
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -51,6 +67,18 @@ class Trainer:
         self.cfg, self.log = cfg, log if strategy.is_main else (lambda *_: None)
         self.device, self.dtype = strategy.device, strategy.dtype
         self.out_dir = Path(cfg.out_dir)
+        # one run per out_dir: rank 0 holds the lock until run() ends (or close())
+        self.lock = RunLock(self.out_dir)
+        self._together(lambda: self.lock.acquire(self.log) if strategy.is_main else None)
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        cfg, strategy = self.cfg, self.strategy
+        self.faults = FaultInjection(strategy.rank)
         for op, name in (("attention", cfg.attn_backend), ("layer_norm", cfg.ln_backend)):
             if name != "auto" and name not in kernels.available_backends(op, self.device):
                 raise ConfigError(
@@ -68,26 +96,38 @@ class Trainer:
         self.meta = load_meta(data)
         self.tokenizer = tokenizer_from_meta(self.meta["tokenizer"])
         train_tokens, val_tokens = load_tokens(data, "train"), load_tokens(data, "val")
+        vocab_size = self.meta["vocab_size"]
+        # ids beyond the vocabulary would index past the embedding: one pass over the data, on rank 0
+        self._together(lambda: [check_token_ids(data, s, t, vocab_size) for s, t in
+                                (("train", train_tokens), ("val", val_tokens))] if strategy.is_main else None)
         B, T = cfg.batch_size, cfg.block_size
-        # each rank takes its own slice of every step's global batch
-        self.sampler = BatchSampler(train_tokens, T, B, strategy.accum_steps, seed=cfg.seed,
-                                    rank=strategy.rank, world_size=strategy.world_size)
-        # evaluation reads fixed windows (its own seeds), so every evaluation sees the same data
-        self.eval_samplers = dict(
-            train=BatchSampler(train_tokens, T, B, seed=cfg.seed + 1),
-            val=BatchSampler(val_tokens, T, B, seed=cfg.seed + 2),
-        )
+        try:
+            # each rank takes its own slice of every step's global batch
+            self.sampler = BatchSampler(train_tokens, T, B, strategy.accum_steps, seed=cfg.seed,
+                                        rank=strategy.rank, world_size=strategy.world_size)
+            # evaluation reads fixed windows (its own seeds), so every evaluation sees the same data
+            self.eval_samplers = dict(
+                train=BatchSampler(train_tokens, T, B, seed=cfg.seed + 1),
+                val=BatchSampler(val_tokens, T, B, seed=cfg.seed + 2),
+            )
+        except ValueError as err:
+            raise ConfigError(f"{data}: {err}") from None
         self.tokens_per_step = cfg.gradient_accumulation_steps * B * T  # global: over all ranks
 
-        model = build_model(cfg.model_config(self.meta["vocab_size"])).to(self.device)
+        model = self._initial_model().to(self.device)
+        cfg = self.cfg  # with the pretrained weights' shape, if any
         # counted before the strategy may partition the weights over ranks (ZeRO-3)
         self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(T)
         strategy.setup(model)
         if strategy.world_size > 1:  # the same initial weights everywhere, but each rank its own dropout
             torch.manual_seed(cfg.seed + strategy.rank)
-        self.step, self.best_val = 0, float("inf")
-        if cfg.resume:
-            self._resume()
+        self.step, self.best_val, self.skipped_steps, self.saved_step = 0, float("inf"), 0, -1
+        self.signals = StopSignals(self.log)  # installed while run() runs
+        self.stop_signal: str | None = None  # set (on every rank alike) when a rank got SIGTERM/SIGINT
+        directory = self._checkpoint_to_resume()
+        self.resumed = directory is not None
+        if self.resumed:
+            self._resume(directory)
         elif checkpoint.list_checkpoints(self.out_dir) and not cfg.overwrite:
             raise ConfigError(
                 f"{self.out_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
@@ -103,25 +143,93 @@ class Trainer:
     optimizer = property(lambda self: self.strategy.optimizer)
     scaler = property(lambda self: self.strategy.scaler)
 
+    def _together(self, fn):
+        """``fn()`` on every rank; if it raises a user error on any rank, it is raised on all of
+        them (else the healthy ranks would wait for the failed one in the next collective)."""
+        try:
+            result, error = fn(), None
+        except USER_ERRORS as err:
+            result, error = None, err
+        errors = [e for e in self.strategy.gather_objects(error) if e is not None]
+        if errors:
+            raise errors[0]
+        return result
+
+    def close(self) -> None:
+        """Release the lock on out_dir (run() does so when it ends)."""
+        self.lock.release()
+
     def _prepare_data(self) -> Path:
         """Rank 0 prepares the data while the others wait; then the first rank of every other
         node, in case its filesystem is not shared; then everyone opens it."""
         cfg, strategy = self.cfg, self.strategy
         args = (cfg.dataset, cfg.data_dir, cfg.input or None, cfg.tokenizer or None)
-        if strategy.is_main:
-            ensure_prepared(*args)
-        strategy.barrier()
-        if strategy.local_rank == 0 and not strategy.is_main:
-            ensure_prepared(*args)
-        strategy.barrier()
+        self._together(lambda: ensure_prepared(*args) if strategy.is_main else None)
+        self._together(lambda: ensure_prepared(*args) if strategy.local_rank == 0 and not strategy.is_main else None)
         return ensure_prepared(*args)
 
-    def _resume(self) -> None:
+    def _initial_model(self) -> torch.nn.Module:
+        """A fresh model of the configured shape, or (--init_from=gpt2|PATH) pretrained weights,
+        whose shape then replaces the config's."""
+        cfg, spec = self.cfg, self.cfg.init_from
+        if spec in ("scratch", "resume"):
+            return build_model(cfg.model_config(self.meta["vocab_size"]))
+        from gpt.pretrained import load_pretrained  # only fine-tuning needs it
+
+        try:
+            model, weights_tokenizer = load_pretrained(spec, device="cpu", dropout=cfg.dropout,
+                                                       block_size=cfg.block_size)
+        except ValueError as err:
+            raise ConfigError(f"--init_from={spec}: {err}") from None
+        data_tokenizer = self.meta["tokenizer"]
+        if weights_tokenizer is not None and not same_tokenizer(weights_tokenizer, data_tokenizer):
+            raise ConfigError(
+                f"--init_from={spec}: the weights were trained with the {describe_tokenizer(weights_tokenizer)} "
+                f"tokenizer but the dataset {cfg.dataset!r} was prepared with the {describe_tokenizer(data_tokenizer)} "
+                f"one; prepare the data with the weights' tokenizer (--tokenizer={weights_tokenizer.get('name')}) "
+                "under another dataset name"
+            )
+        if weights_tokenizer is None:
+            self.log(f"init_from={spec}: the weights do not say which tokenizer they were trained with; "
+                     f"make sure it is the dataset's ({describe_tokenizer(data_tokenizer)})")
+        if model.config.vocab_size < self.meta["vocab_size"]:
+            raise ConfigError(f"--init_from={spec}: the weights know {model.config.vocab_size} tokens but the "
+                              f"dataset {cfg.dataset!r} uses {self.meta['vocab_size']}")
+        shape = {k: getattr(model.config, k) for k in PRETRAINED_SHAPE}
+        overridden = [f"{k} {getattr(cfg, k)} -> {v}" for k, v in shape.items() if getattr(cfg, k) != v]
+        self.log(f"init_from={spec}: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size}"
+                 + (f"; the weights' shape overrides the config: {', '.join(overridden)}" if overridden else ""))
+        self.cfg = self.strategy.cfg = dataclasses.replace(cfg, **shape)
+        return model
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint this run continues from, or None for a fresh start. --resume=true
+        needs one; --resume=auto takes one if there is one, as does a torchelastic restart, so
+        that the first launch and every restart are the same command."""
+        mode = "true" if self.cfg.init_from == "resume" else self.cfg.resume
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0 and mode == "false":
+            mode = "auto"
+            self.log(f"torchelastic restart {restart}: continuing from the newest good checkpoint, if any")
+        if mode == "false":
+            return None
         # rank 0 verifies the checkpoints (hashing every file once) and tells the others which to load
-        directory = checkpoint.latest_valid(self.out_dir, warn=self.log) if self.strategy.is_main else None
-        directory = self.strategy.broadcast_object(directory)
-        if directory is None:
-            raise ConfigError(f"--resume: no usable checkpoint in {self.out_dir / 'checkpoints'}")
+        problems: list[str] = []
+
+        def report(problem: str) -> None:
+            problems.append(problem)
+            self.log(problem)
+
+        directory = checkpoint.latest_valid(self.out_dir, warn=report) if self.strategy.is_main else None
+        directory, problems = self.strategy.broadcast_object((directory, problems))
+        if directory is None and (mode == "true" or problems):
+            found = f": {'; '.join(problems)}" if problems else ""
+            raise ConfigError(f"--resume: no usable checkpoint in {self.out_dir / 'checkpoints'}{found}")
+        if directory is not None and problems:
+            self.log(f"falling back to {directory}, the newest checkpoint that verifies")
+        return directory
+
+    def _resume(self, directory: Path) -> None:
         saved = GPTConfig.from_dict(json.loads((directory / "model.json").read_text())["config"])
         if saved != self.model.config:
             raise ConfigError(
@@ -131,6 +239,8 @@ class Trainer:
         trainer_state = self.strategy.load(directory)
         self.step = trainer_state["step"]
         self.best_val = trainer_state.get("best_val", float("inf"))
+        self.skipped_steps = trainer_state.get("skipped_steps", 0)
+        self.saved_step = self.step
         self.log(f"resumed from {directory} at step {self.step}")
 
     def _batch(self, sampler: BatchSampler, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +250,13 @@ class Trainer:
         return x, y
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over this rank's micro-batches; returns its mean loss (on the device)."""
-        strategy = self.strategy
+        """One optimizer step over this rank's micro-batches; returns its mean loss (on the device).
+
+        Before the update every rank learns, in one all-reduce of three flags, whether any rank
+        saw a non-finite loss or gradient norm, or got SIGTERM/SIGINT: so all ranks skip, stop
+        or go on together. Raises NonFiniteError (weights untouched) under --nan_policy=stop."""
+        strategy, number = self.strategy, self.step + 1  # number: as the logs count steps
+        self.faults.before_step(number)
         strategy.set_lr(lr_at(self.step, self.cfg))
         accum = strategy.accum_steps
         total = torch.zeros((), device=self.device)
@@ -150,9 +265,32 @@ class Trainer:
             with strategy.micro_step(last=micro == accum - 1):  # DDP syncs gradients on the last only
                 with strategy.autocast():
                     _, loss = self.forward(x, y)
+                if self.faults.poison(number):
+                    loss = loss * float("nan")
                 strategy.backward(loss)
             total += loss.detach() / accum
-        strategy.step()
+        grad_norm = strategy.clip_grad_norm()
+        # one fused check: a sum is finite only if both terms are (a norm >= 0 cannot cancel an inf);
+        # fp16's overflowing gradients are the loss scaler's business, so there only the loss counts
+        checked = total if self.dtype == torch.float16 else total + grad_norm
+        signal_name = self.signals.received
+        flags = torch.stack([~torch.isfinite(checked), torch.tensor(signal_name == "SIGTERM", device=self.device),
+                             torch.tensor(signal_name == "SIGINT", device=self.device)]).float()
+        nonfinite, sigterm, sigint = (strategy.all_reduce_sum(flags) > 0).tolist()  # the step's one host sync
+        if sigterm or sigint:
+            self.stop_signal = "SIGTERM" if sigterm else "SIGINT"
+        if nonfinite:
+            strategy.step(skip=True)
+            what = f"non-finite loss or gradient norm at step {number} (loss {total.item():.4g}, " \
+                   f"grad norm {grad_norm.item():.4g} on rank {strategy.rank})"
+            if self.cfg.nan_policy == "stop" or not strategy.can_skip_steps:
+                raise NonFiniteError(what)
+            self.skipped_steps += 1
+            self.log(f"{what}: step skipped, weights unchanged ({self.skipped_steps} skipped so far)")
+            self._record(dict(step=number, skipped="non-finite loss or gradient norm",
+                              skipped_steps=self.skipped_steps))
+        else:
+            strategy.step()
         self.step += 1
         return total
 
@@ -179,7 +317,31 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint (on every rank: DeepSpeed writes shards); its path on rank 0, else None."""
-        return self.strategy.save(self.out_dir, self.step, self.meta["tokenizer"], dict(best_val=self.best_val))
+        self.saved_step = self.step
+        state = dict(best_val=self.best_val, skipped_steps=self.skipped_steps)
+        return self.strategy.save(self.out_dir, self.step, self.meta["tokenizer"], state)
+
+    def _latest_checkpoint(self) -> Path:
+        return checkpoint.list_checkpoints(self.out_dir)[-1]
+
+    def _stop_on_signal(self) -> TrainingStopped:
+        """Every rank got the same stop flag: checkpoint this step (if not done yet) and leave."""
+        path = self.save() if self.saved_step != self.step else self._latest_checkpoint()
+        return TrainingStopped(f"received {self.stop_signal} at step {self.step}: checkpoint written to {path}; "
+                               "resume with --resume", EXIT_PREEMPTED, announce=self.strategy.is_main)
+
+    def _stop_on_nonfinite(self, err: NonFiniteError) -> TrainingStopped:
+        if self.strategy.can_skip_steps:  # the bad step was not applied: this state is the last good one
+            path = self.save() if self.saved_step != self.step else self._latest_checkpoint()
+            where = f"the last good state (step {self.step}) is checkpointed in {path}"
+        else:
+            found = checkpoint.list_checkpoints(self.out_dir)
+            where = ("DeepSpeed had applied the update already, so nothing was saved; the last good checkpoint is "
+                     + (str(found[-1]) if found else "none (no checkpoint yet)"))
+        advice = "lower the learning rate and resume with --resume" + (
+            ", or pass --nan_policy=skip" if self.strategy.can_skip_steps else "")
+        return TrainingStopped(f"stopped: {err}; {where}. To go on, {advice}", EXIT_NONFINITE,
+                               announce=self.strategy.is_main)
 
     def _record(self, row: dict) -> None:
         self.history.append(row)
@@ -194,14 +356,39 @@ class Trainer:
         self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
 
     def run(self) -> dict:
-        """Train to max_iters; returns the last evaluation's losses and the run's throughput."""
+        """Train to max_iters; returns the last evaluation's losses and the run's throughput.
+        Raises TrainingStopped after a stop signal or (--nan_policy=stop) a non-finite step."""
+        self.signals.install()
+        try:
+            return self._run()
+        except NonFiniteError as err:
+            raise self._stop_on_nonfinite(err) from None
+        finally:
+            self.signals.uninstall()
+            self.close()
+
+    def _tidy_out_dir(self) -> None:
+        """Rank 0, holding the lock: a fresh run removes the earlier run's metrics and checkpoints;
+        a resumed one drops the metrics written after its checkpoint (they are computed again).
+        Temporary directories of writes that were killed go in both cases."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = self.out_dir / "metrics.jsonl"
+        if not self.resumed:
+            metrics.unlink(missing_ok=True)
+            for old in checkpoint.list_checkpoints(self.out_dir):
+                shutil.rmtree(old)
+        elif metrics.is_file():
+            rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line).get("step", 0) <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        for pattern in (".tmp-*", ".old-*"):
+            for leftover in (self.out_dir / "checkpoints").glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def _run(self) -> dict:
         cfg, strategy = self.cfg, self.strategy
         if strategy.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not cfg.resume:  # a fresh run: the earlier run's metrics and checkpoints go
-                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-                for old in checkpoint.list_checkpoints(self.out_dir):
-                    shutil.rmtree(old)
+            self._tidy_out_dir()
         strategy.barrier()
         ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
         self.log(
@@ -223,7 +410,7 @@ class Trainer:
                 self._eval_and_save()
             t_last, step_last, start = time.perf_counter(), self.step, time.perf_counter()
             while self.step < cfg.max_iters:
-                loss = self.train_step()
+                loss = self.train_step()  # NonFiniteError under --nan_policy=stop: see run()
                 bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
                     loss = strategy.all_reduce_mean(loss)  # the mean over the global batch
@@ -232,6 +419,8 @@ class Trainer:
                     mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else None
                     row = dict(step=self.step, loss=loss.item(), lr=lr_at(self.step - 1, cfg),
                                tokens_per_s=tokens_per_s, mfu=mfu)
+                    if self.skipped_steps:
+                        row["skipped_steps"] = self.skipped_steps
                     self._record(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                     mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
@@ -242,6 +431,8 @@ class Trainer:
                     self._eval_and_save()
                 if self.step % ckpt_every == 0 or self.step == cfg.max_iters:
                     self.save()
+                if self.stop_signal:
+                    raise self._stop_on_signal()
             elapsed = time.perf_counter() - start
             evals = [r for r in self.history if "val_loss" in r]
             result = {**(evals[-1] if evals else {}), "step": self.step, "seconds": elapsed}
@@ -289,6 +480,19 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two tokenizer metas (``to_meta()``) encode text alike."""
+    if a.get("name") != b.get("name"):
+        return False
+    if a.get("name") == "char":
+        return a.get("chars") == b.get("chars")
+    return a.get("encoding", a.get("name")) == b.get("encoding", b.get("name"))
+
+
+def describe_tokenizer(meta: dict) -> str:
+    return f"{meta.get('name')} ({meta.get('vocab_size')} tokens)"
 
 
 def train(cfg: TrainConfig, log=print) -> dict:

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -92,13 +93,25 @@ class Strategy:
         """``loss``: the mean loss of one micro-batch."""
         self.scaler.scale(loss / self.accum_steps).backward()
 
-    def step(self) -> None:
-        """Clip, update (skipped by the scaler when fp16 gradients overflowed), clear gradients."""
-        if self.cfg.grad_clip > 0:
+    can_skip_steps = True  # whether step(skip=True) can drop a step's update (DeepSpeed's engine cannot)
+
+    def clip_grad_norm(self) -> torch.Tensor:
+        """Unscale (fp16), clip to grad_clip if set, and return the total gradient norm (on the
+        device, before clipping): the trainer checks it for NaN/inf before ``step``."""
+        if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    def step(self, skip: bool = False) -> None:
+        """Update the weights (the scaler skips fp16 overflows itself), or with ``skip`` leave
+        weights and optimizer state as they are; then clear the gradients."""
+        if not skip:
+            self.scaler.step(self.optimizer)
+        if self.scaler.is_enabled():
+            self.scaler.update()  # after a skip too: unscale_ recorded the overflow, the scale backs off
         self.optimizer.zero_grad(set_to_none=True)
 
     # --- collectives (no-ops in one process) ---
@@ -189,7 +202,17 @@ class DistributedStrategy(Strategy):
             torch.cuda.set_device(self.device)
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend=self.backend, device_id=self.device if self.backend == "nccl" else None)
+            device_id = self.device if self.backend == "nccl" else None
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+            if restart is None:
+                dist.init_process_group(backend=self.backend, device_id=device_id)
+            else:
+                # torchrun keeps one store across restarts, and the group's keys of the attempt that
+                # died (its ranks' addresses) would mislead this one: give each attempt its own prefix
+                store, rank, world_size = next(dist.rendezvous("env://"))
+                store = dist.PrefixStore(f"attempt_{restart}", store)
+                dist.init_process_group(backend=self.backend, store=store, rank=rank, world_size=world_size,
+                                        device_id=device_id)
 
     def barrier(self) -> None:
         dist.barrier()
@@ -210,6 +233,10 @@ class DistributedStrategy(Strategy):
 
     def teardown(self) -> None:
         if dist.is_initialized():
+            # gloo's worker threads may still be releasing the last collective's tensors, which needs
+            # the GIL; the group's destructor joins them while holding it: without this pause a rank
+            # that leaves right after a barrier can hang at exit (seen on a busy 2-core machine)
+            time.sleep(0.1)
             dist.destroy_process_group()
 
 
@@ -235,7 +262,14 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     name = "deepspeed"
 
+    can_skip_steps = False  # the engine updates inside backward; see step()
+
     def __init__(self, cfg: TrainConfig):
+        if cfg.nan_policy == "skip":
+            raise ConfigError("--nan_policy=skip is not available with --strategy=deepspeed: its engine updates "
+                              "the weights inside backward (its fp16 loss scaler skips overflows itself); "
+                              "use --nan_policy=stop")
+        user_config = read_user_config(cfg.deepspeed_config)  # before any process group: fail fast
         if pick_device(cfg.device).type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
         try:
@@ -257,7 +291,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         self.deepspeed = deepspeed
         deepspeed.init_distributed(dist_backend=self.backend)  # takes over the process group made above
-        self.ds_config = deepspeed_config(cfg, self.world_size, self.dtype, read_user_config(cfg.deepspeed_config))
+        self.ds_config = deepspeed_config(cfg, self.world_size, self.dtype, user_config)
 
     def setup(self, model: torch.nn.Module) -> None:
         cfg = self.cfg
@@ -278,7 +312,13 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
         self.engine.step()  # counts micro-steps; updates (and clips) only at the last one
 
-    def step(self) -> None:
+    def clip_grad_norm(self) -> torch.Tensor:
+        """The norm DeepSpeed computed for its clipping, when it reports one (else 0: only the
+        loss is checked). The update has happened already: NaN is caught after the fact."""
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32, device=self.device)
+
+    def step(self, skip: bool = False) -> None:
         pass  # the engine stepped at the last micro-step's backward
 
     def _full_state_dict(self) -> dict:

@@ -56,7 +56,7 @@ def measure(benchmark, name: str, model: torch.nn.Module, flops_per_token: int, 
     idx = torch.randint(0, SHAPE["vocab_size"], (BATCH, SHAPE["block_size"]), device=DEVICE)
     tokens = idx.numel()
     with use_backend(attention=backend or "auto"):
-        seconds = seconds_per_call(benchmark, step_fn(model, idx), rounds=30 if DEVICE.type == "cpu" else 3)
+        seconds = seconds_per_call(benchmark, step_fn(model, idx), rounds=60 if DEVICE.type == "cpu" else 3, warmup=10)
     tokens_per_s = tokens / seconds
     peak = peak_flops(DEVICE, DTYPE)
     note = f"(MFU {100 * flops_per_token * tokens_per_s / peak:.1f}%)" if peak else ""

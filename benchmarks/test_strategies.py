@@ -1,0 +1,69 @@
+"""Training throughput per strategy: single process, DDP and DeepSpeed ZeRO-2, each a real
+``python -m train`` run (under torchrun for the distributed ones) of the same global batch.
+
+The figure is the tokens/s of the run's last log interval (``metrics.jsonl``), so start-up,
+compilation and the first steps are not counted; per-rank throughput and the scaling
+efficiency against the single process are printed beside it. On a machine with N GPUs,
+``GPT_BENCH_RANKS=N`` sets the rank count (default: 2 on the CPU, all GPUs on CUDA).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.common import DEVICE, Result, record
+
+REPO = Path(__file__).resolve().parents[1]
+RANKS = int(os.environ.get("GPT_BENCH_RANKS", torch.cuda.device_count() if DEVICE.type == "cuda" else 2))
+if DEVICE.type == "cuda":
+    MODEL = ["--config", "train/configs/gpt2.toml", "--batch_size=8", f"--gradient_accumulation_steps={RANKS}",
+             "--max_iters=30", "--log_interval=10", "--compile=false"]
+    GROUP = f"training: GPT-2 124M, {RANKS} GPU(s)"
+else:
+    MODEL = ["--config", "train/configs/shakespeare_char_cpu.toml", f"--gradient_accumulation_steps={RANKS}",
+             "--max_iters=40", "--log_interval=20"]
+    GROUP = f"training: CPU char model (4x4x128, T=128, B=32 per rank), {RANKS} rank(s) on the CPU"
+COMMON = ["--eval_interval=100000", "--num_samples=0", "--progress=false", "--overwrite"]
+STRATEGIES = {
+    "single": ([], ["--strategy=single"]),
+    "ddp": (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}"], ["--strategy=ddp"]),
+    "deepspeed zero-2": (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}"],
+                         ["--strategy=deepspeed", "--zero_stage=2"]),
+}
+SINGLE: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_strategy(benchmark, strategy, tmp_path):
+    launcher, flags = STRATEGIES[strategy]
+    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    if strategy != "single" and RANKS < 2:
+        pytest.skip("one device: nothing to distribute")
+    data_dir = os.environ.get("GPT_BENCH_DATA_DIR", str(REPO / "data"))
+    # the same global batch everywhere: on one process, all of it is accumulation steps
+    cmd = [sys.executable, *launcher, "-m", "train", *MODEL, *COMMON, *flags, f"--out_dir={tmp_path}",
+           f"--data_dir={data_dir}"]
+
+    def run() -> None:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_s = [r for r in rows if "tokens_per_s" in r][-1]["tokens_per_s"]
+    ranks = 1 if strategy == "single" else RANKS
+    if strategy == "single":
+        SINGLE["tokens_per_s"] = tokens_per_s
+    note = f"({tokens_per_s / ranks:,.0f} per rank"
+    if strategy != "single" and SINGLE:
+        note += f", scaling efficiency {tokens_per_s / (ranks * SINGLE['tokens_per_s']):.0%}"
+    record(benchmark, Result(GROUP, strategy, tokens_per_s, "tokens/s", baseline="single", note=note + ")"))

@@ -55,11 +55,15 @@ def measure(benchmark, name: str, model: torch.nn.Module, flops_per_token: int, 
     model = model.to(DEVICE)
     idx = torch.randint(0, SHAPE["vocab_size"], (BATCH, SHAPE["block_size"]), device=DEVICE)
     tokens = idx.numel()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with use_backend(attention=backend or "auto"):
         seconds = seconds_per_call(benchmark, step_fn(model, idx), rounds=60 if DEVICE.type == "cpu" else 3, warmup=10)
     tokens_per_s = tokens / seconds
     peak = peak_flops(DEVICE, DTYPE)
     note = f"(MFU {100 * flops_per_token * tokens_per_s / peak:.1f}%)" if peak else ""
+    if DEVICE.type == "cuda":
+        note += f" (peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)"
     record(benchmark, Result(GROUP, name, tokens_per_s, "tokens/s", baseline=BASELINE, note=note))
 
 

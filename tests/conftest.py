@@ -31,4 +31,21 @@ def shakespeare_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, request) -> Path:
+    """Tiny Shakespeare prepared for the character model in a fresh folder, once per test module
+    (from the local copy: tests never touch the network)."""
+    from train.data import prepare
+
+    text = SHARED_DATA / "tinyshakespeare.txt"
+    if not text.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {text} (set GPT_SHARED_DATA)")
+    root = tmp_path_factory.mktemp("data")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("GPT_DATA_URL", text.as_uri())
+    request.addfinalizer(patch.undo)
+    prepare("shakespeare_char", root)
+    return root
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from train.config import ConfigError, TrainConfig
-from train.data import load_tokens, prepare
+from train.data import load_tokens
 from train.loop import Trainer, train
 from train.sampler import BatchSampler
 from train.strategy import deepspeed_config, per_rank_accum
@@ -51,21 +51,6 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, gradien
             learning_rate=3e-3, min_lr=3e-4, warmup_iters=3, max_iters=8, lr_decay_iters=8, eval_interval=4,
             eval_iters=3, log_interval=1, num_samples=1, sample_tokens=8, progress=False, device="cpu",
             dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, request) -> Path:
-    from tests.conftest import SHARED_DATA
-
-    text = SHARED_DATA / "tinyshakespeare.txt"
-    if not text.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {text}")
-    root = tmp_path_factory.mktemp("data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GPT_DATA_URL", text.as_uri())
-    request.addfinalizer(mp.undo)
-    prepare("shakespeare_char", root)
-    return root
 
 
 def flags(data_dir: Path, out_dir: Path, **overrides) -> list[str]:

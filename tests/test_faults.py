@@ -45,21 +45,6 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, gradien
             num_samples=0, device="cpu", dtype="fp32")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, request) -> Path:
-    from tests.conftest import SHARED_DATA
-
-    text = SHARED_DATA / "tinyshakespeare.txt"
-    if not text.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {text}")
-    root = tmp_path_factory.mktemp("data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GPT_DATA_URL", text.as_uri())
-    request.addfinalizer(mp.undo)
-    prepare("shakespeare_char", root)
-    return root
-
-
 def flags(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
     return [f"--{k}={v}" for k, v in {**TINY, "data_dir": data_dir, "out_dir": out_dir, **overrides}.items()]
 

@@ -13,28 +13,12 @@ import torch
 
 from train import checkpoint
 from train.config import ConfigError, TrainConfig, load_config, parse_args
-from train.data import prepare
 from train.loop import Trainer, lr_at, train
 from train.sampler import BatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, learning_rate=3e-3, min_lr=3e-4,
             warmup_iters=5, eval_iters=2, progress=False, num_samples=0, device="cpu", dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, request) -> Path:
-    from tests.conftest import SHARED_DATA
-
-    text = SHARED_DATA / "tinyshakespeare.txt"
-    if not text.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {text}")
-    root = tmp_path_factory.mktemp("data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GPT_DATA_URL", text.as_uri())
-    request.addfinalizer(mp.undo)
-    prepare("shakespeare_char", root)
-    return root
 
 
 def config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:

@@ -48,11 +48,11 @@ def attention(
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
-    with torch.autocast(x.device.type, enabled=False):
-        x_wide = _wide(x)
-        w = weight.to(x_wide.dtype) if weight is not None else None
-        b = bias.to(x_wide.dtype) if bias is not None else None
-        return F.layer_norm(x_wide, x.shape[-1:], w, b, eps).to(x.dtype)
+    # no autocast guard needed: autocast runs layer_norm in fp32 already, as we do
+    x_wide = _wide(x)
+    w = weight.to(x_wide.dtype) if weight is not None else None
+    b = bias.to(x_wide.dtype) if bias is not None else None
+    return F.layer_norm(x_wide, x.shape[-1:], w, b, eps).to(x.dtype)
 
 
 def add_layer_norm(

@@ -70,6 +70,33 @@ def attention(
     last query sees every key (decoding against a cache). A query row that sees no key
     returns zeros. ``scale`` defaults to 1/sqrt(D). Returns q's dtype and shape.
     """
+    if not _well_formed_attention(q, k, v):
+        _explain_attention_args(q, k, v)  # raises, saying what was expected
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    args, kwargs = (q, k, v), dict(causal=bool(causal), dropout_p=float(dropout_p), scale=float(scale))
+    return resolve("attention", "attention", backend, args, kwargs)(*args, **kwargs)
+
+
+def _well_formed_attention(q: object, k: object, v: object) -> bool:
+    """The common case, checked quickly (this runs on every call, once per layer per
+    decoded token); ``_explain_attention_args`` says what is wrong otherwise."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return False
+    qs, ks = q.shape, k.shape
+    return (
+        len(qs) == 4 and len(ks) == 4 and ks == v.shape
+        and qs[0] == ks[0] and qs[1] == ks[1] and qs[3] == ks[3] and 0 not in qs and 0 not in ks
+        and q.dtype in FLOAT_DTYPES and q.dtype == k.dtype == v.dtype
+        and q.device == k.device == v.device
+    )
+
+
+def _explain_attention_args(q: object, k: object, v: object) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float_tensor(name, t)
         if t.dim() != 4:
@@ -85,17 +112,16 @@ def attention(
         )
     if min(q.shape) < 1 or min(k.shape) < 1:
         raise ValueError(f"every dimension must be >= 1; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
-    args, kwargs = (q, k, v), dict(causal=bool(causal), dropout_p=float(dropout_p), scale=float(scale))
-    return resolve("attention", "attention", backend, args, kwargs)(*args, **kwargs)
+    raise AssertionError("_well_formed_attention refused arguments that every check accepts")
 
 
 def _check_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
+    if (  # the common case, checked quickly; the checks below say what is wrong otherwise
+        isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] >= 1
+        and _is_norm_param(weight, x.shape[-1], x.device) and _is_norm_param(bias, x.shape[-1], x.device)
+        and isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0
+    ):
+        return
     _check_float_tensor("x", x)
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a last dimension of size >= 1, got shape {tuple(x.shape)}")
@@ -110,6 +136,13 @@ def _check_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
             raise ValueError(f"{name} is on {p.device} but x is on {x.device}; they must share a device")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive finite number, got {eps}")
+
+
+def _is_norm_param(p: object, n: int, device: torch.device) -> bool:
+    return p is None or (
+        isinstance(p, torch.Tensor) and p.dtype in FLOAT_DTYPES and p.dim() == 1
+        and p.shape[0] == n and p.device == device
+    )
 
 
 def layer_norm(
@@ -139,10 +172,14 @@ def add_layer_norm(
     block's output is bf16): h and y then take the promoted dtype, as ``x + residual`` would.
     """
     _check_layer_norm(x, weight, bias, eps)
-    _check_float_tensor("residual", residual)
-    if residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    _check_same("device", ("x", "residual"), (x.device, residual.device))
+    if not (  # the common case, checked quickly
+        isinstance(residual, torch.Tensor) and residual.dtype in FLOAT_DTYPES
+        and residual.shape == x.shape and residual.device == x.device
+    ):
+        _check_float_tensor("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        _check_same("device", ("x", "residual"), (x.device, residual.device))
     args, kwargs = (x, residual, weight, bias), dict(eps=float(eps))
     return resolve("layer_norm", "add_layer_norm", backend, args, kwargs)(*args, **kwargs)
 
@@ -165,8 +202,8 @@ class LayerNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
-        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, backend=self.backend)
+            return layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape[0]}, eps={self.eps}, bias={self.bias is not None}"

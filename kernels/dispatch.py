@@ -10,8 +10,8 @@ Modules are imported lazily, so a missing optional package (triton, flash_attn) 
 matters to the user who asks for that backend.
 
 Selection order for one call: the call's ``backend=``, then ``use_backend(...)``, then the
-environment variable ``GPT_KERNELS`` (e.g. ``attention=triton,layer_norm=torch``), then
-``auto``. A backend the user named that cannot run the call is an error, never a silent
+environment variable ``GPT_KERNELS`` (e.g. ``attention=triton,layer_norm=torch``; read once,
+at the first kernel call), then ``auto``. A backend the user named that cannot run the call is an error, never a silent
 fallback; ``auto`` walks a preference list and takes the first backend that can.
 """
 
@@ -97,16 +97,24 @@ def _why_not(module: ModuleType, op: str, fn: str, args: tuple, kwargs: dict) ->
     return check(fn, *args, **kwargs) if check is not None else None
 
 
-_env_choices: dict[str, dict[str, str]] = {}  # GPT_KERNELS value -> parsed choice
+_env_choice: dict[str, str] | None = None  # GPT_KERNELS parsed, once
 
 
 def _parse_env() -> dict[str, str]:
-    """The choice in GPT_KERNELS, parsed once per distinct value (this runs on every kernel call)."""
-    raw = os.environ.get(ENV_VAR, "").strip()
-    parsed = _env_choices.get(raw)
-    if parsed is None:
-        parsed = _env_choices[raw] = _parse_env_text(raw)
-    return parsed
+    """The choice in GPT_KERNELS, read at the first kernel call and kept: reading the
+    environment on every call cost ~5% of a one-token decoding step. ``reload_env``
+    re-reads it; within a process, ``use_backend`` is the way to switch."""
+    global _env_choice
+    if _env_choice is None:
+        _env_choice = _parse_env_text(os.environ.get(ENV_VAR, "").strip())
+    return _env_choice
+
+
+def reload_env() -> None:
+    """Read GPT_KERNELS again at the next kernel call (after changing ``os.environ``)."""
+    global _env_choice
+    _env_choice = None
+    _resolved.clear()
 
 
 def _parse_env_text(raw: str) -> dict[str, str]:
@@ -135,24 +143,45 @@ def selected(op: str, backend: str | None = None) -> str:
     return _parse_env().get(op, "auto")
 
 
+# (op, fn, the call's backend=, device type) -> the function that runs every such call,
+# under the current use_backend blocks and GPT_KERNELS: every kernel call resolves, and for a
+# one-token decoding step the selection and the walk below cost as much as the kernel itself.
+# Only answers that do not depend on the call's tensors are kept (no backend's ``unsupported``
+# had a say); a change of selection (use_backend, reload_env) empties it.
+_resolved: dict[tuple[str, str, str | None, str], object] = {}
+
+
 def resolve(op: str, fn: str, backend: str | None, args: tuple, kwargs: dict):
     """Return the function ``fn`` of the backend that will run this call."""
-    name = selected(op, backend)
+    key = (op, fn, backend, args[0].device.type)
+    found = _resolved.get(key)
+    if found is None:
+        found, fixed = _resolve(op, fn, selected(op, backend), args, kwargs)
+        if fixed:
+            _resolved[key] = found
+    return found
+
+
+def _resolve(op: str, fn: str, name: str, args: tuple, kwargs: dict):
+    """``resolve``'s walk. Also says whether the answer holds for every call on this device
+    type: true when no backend's ``unsupported`` check had a say."""
     if name != "auto":
         module = _load(op, name)
         reason = _why_not(module, op, fn, args, kwargs)
         if reason is not None:
             raise BackendError(f"{op} backend {name!r} cannot run this call: {reason}")
-        return getattr(module, fn)
+        return getattr(module, fn), not hasattr(module, "unsupported")
     device = args[0].device.type
     order = AUTO_ORDER[op].get(device, AUTO_ORDER[op]["cpu"])
+    fixed = True  # until a backend's check depends on the call
     for candidate in order:
         try:
             module = _load(op, candidate)
         except BackendError:
-            continue
+            continue  # not installed: the same answer for every call
+        fixed = fixed and not hasattr(module, "unsupported")
         if _why_not(module, op, fn, args, kwargs) is None:
-            return getattr(module, fn)
+            return getattr(module, fn), fixed
     raise BackendError(f"no {op} backend can run this call on {device}; tried {list(order)}")
 
 
@@ -163,10 +192,12 @@ def use_backend(**choice: str) -> Iterator[None]:
         _check_choice(op, name)
         _preload(op, name)
     _overrides.append(dict(choice))
+    _resolved.clear()
     try:
         yield
     finally:
         _overrides.pop()
+        _resolved.clear()
 
 
 def _preload(op: str, name: str) -> None:

@@ -8,6 +8,8 @@ input dtype.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,14 @@ def causal_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
     return j <= i + (t_k - t_q)
 
 
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for the enclosed ops. Entering ``torch.autocast`` costs microseconds, as
+    much as a one-token attention step, so it is entered only when autocast is on."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """At least fp32: half types are upcast, fp64 stays fp64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -31,7 +41,7 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float
 ) -> torch.Tensor:
-    with torch.autocast(q.device.type, enabled=False):
+    with no_autocast(q.device.type):
         att = (_wide(q) @ _wide(k).transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
         if causal:
             visible = causal_mask(q.shape[-2], k.shape[-2], q.device)
@@ -49,10 +59,16 @@ def layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     # no autocast guard needed: autocast runs layer_norm in fp32 already, as we do
+    if x.dtype == torch.float32 and _is_fp32(weight) and _is_fp32(bias):  # the common case: no casts
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     x_wide = _wide(x)
     w = weight.to(x_wide.dtype) if weight is not None else None
     b = bias.to(x_wide.dtype) if bias is not None else None
     return F.layer_norm(x_wide, x.shape[-1:], w, b, eps).to(x.dtype)
+
+
+def _is_fp32(param: torch.Tensor | None) -> bool:
+    return param is None or param.dtype == torch.float32
 
 
 def add_layer_norm(

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from kernels.reference import no_autocast
+
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float
 ) -> torch.Tensor:
     t_q, t_k = q.shape[-2], k.shape[-2]
-    with torch.autocast(q.device.type, enabled=False):  # compute in the input dtype
+    with no_autocast(q.device.type):  # compute in the input dtype
         if not causal or t_q == t_k:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
         if t_q < t_k:  # bottom-right aligned mask: query i sees keys j <= i + (Tk - Tq)

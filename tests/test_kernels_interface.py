@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import BackendError, attention, layer_norm, use_backend
+from kernels import BackendError, attention, dispatch, layer_norm, use_backend
 from kernels.dispatch import resolve, selected
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -103,8 +103,22 @@ def test_layer_norm_module_is_a_drop_in_for_torch():
     assert no_bias == torch.nn.LayerNorm(12, bias=False).state_dict().keys()
 
 
-def test_selection_order(monkeypatch):
-    monkeypatch.setenv("GPT_KERNELS", "attention=torch")
+@pytest.fixture
+def set_env(monkeypatch):
+    """Set GPT_KERNELS as if before the process started (kernels reads it once)."""
+    def set_to(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv("GPT_KERNELS", raising=False)
+        else:
+            monkeypatch.setenv("GPT_KERNELS", value)
+        dispatch.reload_env()
+    yield set_to
+    monkeypatch.delenv("GPT_KERNELS", raising=False)
+    dispatch.reload_env()
+
+
+def test_selection_order(set_env):
+    set_env("attention=torch")
     assert selected("attention") == "torch"
     with use_backend(attention="sdpa"):
         assert selected("attention") == "sdpa"  # the context manager beats the env var
@@ -112,8 +126,17 @@ def test_selection_order(monkeypatch):
         with use_backend(layer_norm="torch"):
             assert selected("attention") == "sdpa"  # nested contexts keep outer choices
     assert selected("attention") == "torch"
-    monkeypatch.delenv("GPT_KERNELS")
+    set_env(None)
     assert selected("attention") == "auto"
+
+
+def test_the_env_var_is_read_once(set_env, monkeypatch):
+    set_env("attention=torch")
+    assert selected("attention") == "torch"
+    monkeypatch.setenv("GPT_KERNELS", "attention=sdpa")  # too late: already read
+    assert selected("attention") == "torch"
+    dispatch.reload_env()
+    assert selected("attention") == "sdpa"
 
 
 def test_auto_picks_a_backend_that_runs_here():
@@ -147,10 +170,10 @@ def test_bad_calls_raise_clear_value_errors(call, match):
         call(q)
 
 
-def test_bad_env_var_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("GPT_KERNELS", "attention")
+def test_bad_env_var_is_a_clear_error(set_env):
+    set_env("attention")
     with pytest.raises(BackendError, match="op=backend pairs"):
         selected("attention")
-    monkeypatch.setenv("GPT_KERNELS", "attention=cuda_magic")
+    set_env("attention=cuda_magic")
     with pytest.raises(BackendError, match="unknown attention backend"):
         selected("attention")

@@ -11,6 +11,7 @@ Training never passes one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -21,32 +22,36 @@ import kernels
 from gpt.config import GPTConfig
 
 
+def dropout(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or an Identity when p is 0: a Dropout(0) still costs a call per use,
+    which adds up when decoding one token at a time."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, for fast generation.
 
-    Each layer's buffers are (B, n_head, block_size, head_dim), allocated on the first write
-    with the dtype and device of the keys written (bf16 under autocast, say). ``length`` is
-    how many positions are filled; the model appends the new tokens' keys and values and
-    advances it once per forward pass.
+    Each layer's keys and values share one buffer, (2, B, n_head, block_size, head_dim),
+    allocated on the first write with the dtype and device written (bf16 under autocast, say),
+    so a decoding step stores both with one copy. ``length`` is how many positions are
+    filled; the model appends the new tokens' keys and values and advances it once per
+    forward pass.
     """
 
     def __init__(self, config: GPTConfig):
         self.block_size = config.block_size
-        self.k: list[torch.Tensor | None] = [None] * config.n_layer
-        self.v: list[torch.Tensor | None] = [None] * config.n_layer
+        self.kv: list[torch.Tensor | None] = [None] * config.n_layer
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``, ``v`` (B, H, T, D) after the cached positions of ``layer``; return that
-        layer's keys and values for every position so far (views, no copies)."""
-        if self.k[layer] is None:
-            B, H, _, D = k.shape
-            self.k[layer] = k.new_empty(B, H, self.block_size, D)
-            self.v[layer] = v.new_empty(B, H, self.block_size, D)
-        end = self.length + k.size(2)
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def update(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        """Write ``kv`` (2, B, H, T, D), the new keys and values, after the cached positions
+        of ``layer``; return that layer's keys and values for every position so far (a view)."""
+        if self.kv[layer] is None:
+            _, B, H, _, D = kv.shape
+            self.kv[layer] = kv.new_empty(2, B, H, self.block_size, D)
+        buffer, new = self.kv[layer], kv.size(3)
+        buffer.narrow(3, self.length, new).copy_(kv)
+        return buffer.narrow(3, 0, self.length + new)
 
     def reset(self) -> None:
         """Forget every position (the buffers stay allocated)."""
@@ -61,17 +66,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim): views, no copies
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3C) -> (3, B, n_head, T, head_dim): q, k, v as views, no copies
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, kv = qkv[0], qkv[1:]
         if cache is not None:
             # attend to the cached positions too; the causal mask is aligned bottom-right, so
             # the T new queries see every cached key and the new keys up to their own position
-            k, v = cache.update(self.layer, k, v)
+            kv = cache.update(self.layer, kv)
+        k, v = kv.unbind(0)
         # a single query (one decoding step) sees every key: no mask to build (the same result, faster)
         causal = T > 1
         y = kernels.attention(q, k, v, causal=causal, dropout_p=self.dropout if self.training else 0.0)
@@ -85,7 +91,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -115,7 +121,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
-                drop=nn.Dropout(config.dropout),
+                drop=dropout(config.dropout),
                 h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
                 ln_f=kernels.LayerNorm(config.n_embd, bias=config.bias),
             )
@@ -159,14 +165,22 @@ class GPT(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.length += T
-        x = self.transformer.ln_f(x)
-        if last_only:
-            return self.lm_head(x[:, -1:, :]), None
-        logits = self.lm_head(x)
+        if last_only:  # LayerNorm and the head act per position: only the last one is needed
+            return self.lm_head(self.transformer.ln_f(x[:, -1:, :] if T > 1 else x)), None
+        logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def set_dropout(self, p: float) -> None:
+        """Use dropout rate ``p`` everywhere from now on (fine-tuning a model saved with another)."""
+        self.config = dataclasses.replace(self.config, dropout=p)  # validates p
+        self.transformer.drop = dropout(p)
+        for block in self.transformer.h:
+            block.attn.dropout = p
+            block.attn.resid_dropout = dropout(p)
+            block.mlp.dropout = dropout(p)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the position embedding (the token embedding

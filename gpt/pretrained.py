@@ -74,12 +74,7 @@ def load_pretrained(
         )
     model, tokenizer_meta = _load_any(path)
     if dropout is not None:
-        model.config = dataclasses.replace(model.config, dropout=dropout)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = dropout
-        for block in model.transformer.h:
-            block.attn.dropout = dropout
+        model.set_dropout(dropout)
     if block_size is not None:
         crop_block_size(model, block_size)
     return model.to(device), tokenizer_meta

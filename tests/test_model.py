@@ -195,3 +195,18 @@ def test_model_compiles_without_graph_breaks_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT.format()], capture_output=True, text=True,
                           timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_dropout_zero_builds_nothing_to_run_and_set_dropout_turns_it_on():
+    model = small_gpt(dropout=0.0)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    idx = torch.randint(0, 50, (2, 8))
+    assert torch.equal(model.train()(idx)[0], model(idx)[0])  # no randomness in training mode
+    model.set_dropout(0.5)
+    assert model.config.dropout == 0.5
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 1 + 2 * SMALL["n_layer"]
+    assert not torch.equal(model(idx)[0], model(idx)[0])  # dropout now acts in training mode
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    with pytest.raises(ValueError, match="dropout must be in"):
+        model.set_dropout(1.5)

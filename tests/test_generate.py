@@ -8,7 +8,7 @@ import torch
 
 import kernels
 from gpt.config import GPTConfig
-from gpt.generate import _held_back, generate, generate_text, pick_next
+from gpt.generate import _held_back, generate, generate_text, generate_tokens, pick_next
 from gpt.model import GPT, BigramLanguageModel, KVCache
 from gpt.tokenizer import CharTokenizer
 
@@ -186,3 +186,38 @@ def test_the_bigram_model_ignores_the_cache():
     a = generate(model, prompt, 10, generator=torch.Generator().manual_seed(1), kv_cache=True)
     b = generate(model, prompt, 10, generator=torch.Generator().manual_seed(1), kv_cache=False)
     assert torch.equal(a, b)
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    """pick_next samples by an exponential race; its frequencies must be the probabilities."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().expand(20_000, -1)  # 20k independent rows, one draw each
+    draws = pick_next(logits, generator=torch.Generator().manual_seed(0))[:, 0]
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert freq[4] == 0  # a token of probability 0 is never drawn
+    torch.testing.assert_close(freq, probs, atol=0.012, rtol=0)  # ~3.5 standard errors at p=0.5
+    warm = pick_next(logits, temperature=2.0, generator=torch.Generator().manual_seed(0))[:, 0]
+    flatter = probs.pow(0.5) / probs.pow(0.5).sum()  # temperature 2 takes the square root of p
+    freq = torch.bincount(warm, minlength=5).float() / warm.numel()
+    torch.testing.assert_close(freq, flatter, atol=0.012, rtol=0)
+
+
+def test_bad_arguments_are_refused_before_the_first_token_is_asked_for():
+    model = small_gpt()
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate_tokens(model, torch.zeros(1, 1, dtype=torch.long), 5, temperature=-1.0)  # no next() needed
+
+
+def test_decoding_runs_in_inference_mode_except_under_deepspeed_zero3():
+    model = small_gpt()
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    assert next(generate_tokens(model, prompt, 1)).is_inference()
+    # between steps the caller's code runs in its own grad mode, not in inference mode
+    steps = generate_tokens(model, prompt, 2)
+    next(steps)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    steps.close()
+    # a ZeRO-3 partitioned parameter (DeepSpeed marks it with ds_id) would be gathered into
+    # inference tensors and break training afterwards: plain no_grad then
+    next(model.parameters()).ds_id = 0
+    assert not next(generate_tokens(model, prompt, 1)).is_inference()

@@ -4,7 +4,8 @@
 
 1. the kernel parity tests, run natively on the GPU;
 2. the kernel benchmarks (every available backend, with the card's measured peaks);
-3. a GPT-2 124M training-step benchmark with MFU;
+3. a GPT-2 124M training-step benchmark with MFU, and generation tokens/s with and without
+   the KV cache (char and GPT-2 124M shapes);
 4. the ahead-of-time resource report of our Triton kernels.
 
 It prints a table last and writes ``benchmarks/results/<gpu>-<date>.json`` (device, versions,
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 PARITY_TESTS = ["tests/test_kernels_interface.py", "tests/test_attention_triton.py",
                 "tests/test_layer_norm_triton.py", "tests/test_model.py"]
-BENCHMARKS = ["benchmarks/test_kernels.py", "benchmarks/test_train_step.py"]
+BENCHMARKS = ["benchmarks/test_kernels.py", "benchmarks/test_train_step.py", "benchmarks/test_generation.py"]
 
 
 def run(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[int | None, str, float]:

@@ -1,16 +1,20 @@
-"""Generation speed with and without the KV cache, on the CPU char model's shape.
+"""Generation speed with and without the KV cache.
 
     pytest benchmarks/test_generation.py        # pytest-benchmark, a few rounds each
-    python benchmarks/test_generation.py        # tokens/s of both and their ratio
+    python benchmarks/test_generation.py        # CPU tokens/s of both paths and their ratio
 
-The model is the Tiny Shakespeare CPU preset's shape (4 layers, 4 heads, 128 wide, block 128,
-vocab 65) with random weights: speed does not depend on what the weights say. 500 new tokens
-from a one-token prompt, so most of them are generated past block_size, where the uncached
-path re-reads a full 128-token window per token and the cached one slides (gpt/generate.py).
+500 new tokens from a one-token prompt, sampled (temperature 0.8, top-k 200) with random
+weights: speed does not depend on what the weights say. Models:
 
-Both run on one CPU thread: for batch-1 decoding of a model this small, more threads only add
-synchronisation, and on a busy machine OpenMP's waiting swamps everything (``--threads N``
-in script mode to see it).
+- ``char``: the Tiny Shakespeare CPU preset's shape (4 layers, 4 heads, 128 wide, block
+  128, vocab 65). Most tokens are generated past block_size, where the uncached path
+  re-reads a full 128-token window per token and the cached one slides (gpt/generate.py).
+- ``gpt2``: GPT-2 124M's shape (block 1024, vocab 50304) in bf16 autocast, on CUDA only
+  (uncached, it would take minutes per round on a laptop CPU).
+
+On the CPU both paths run on one thread: for batch-1 decoding of a model this small, more
+threads do not help the cached path (its ops are too small to split), while they do speed up
+the uncached path's 128-token matrix products; ``--threads N`` in script mode shows that.
 """
 
 from __future__ import annotations
@@ -27,11 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # script mode, run from anywhere
 
+from benchmarks.common import DEVICE, Result, record  # noqa: E402
 from gpt.config import GPTConfig  # noqa: E402
 from gpt.generate import generate  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 
-CHAR_MODEL = GPTConfig(vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=128)
+MODELS = {
+    "char": GPTConfig(vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=128),
+    "gpt2": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+}
+CHAR_MODEL = MODELS["char"]
 NEW_TOKENS = 500
 
 
@@ -45,31 +54,42 @@ def threads(n: int):
         torch.set_num_threads(before)
 
 
-def make_model() -> GPT:
+def make_model(config: GPTConfig = CHAR_MODEL, device: torch.device | str = "cpu") -> GPT:
     torch.manual_seed(0)
-    return GPT(CHAR_MODEL).eval()
+    return GPT(config).to(device).eval()
 
 
 def sample(model: GPT, kv_cache: bool) -> torch.Tensor:
-    prompt = torch.zeros(1, 1, dtype=torch.long)
-    generator = torch.Generator().manual_seed(0)
-    return generate(model, prompt, NEW_TOKENS, temperature=0.8, top_k=200, generator=generator, kv_cache=kv_cache)
+    device = next(model.parameters()).device
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    half = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with half:
+        out = generate(model, prompt, NEW_TOKENS, temperature=0.8, top_k=200, generator=generator, kv_cache=kv_cache)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the loop never waits for the GPU: time until it is done
+    return out
 
 
 @pytest.mark.parametrize("kv_cache", [True, False], ids=["kv_cache", "no_cache"])
-def test_generation_tokens_per_second(benchmark, kv_cache):
-    model = make_model()
-    with threads(1):
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_generation_tokens_per_second(benchmark, model_name, kv_cache):
+    if model_name == "gpt2" and DEVICE.type != "cuda":
+        pytest.skip("GPT-2 124M generation is benchmarked on CUDA only (uncached, minutes per round on a CPU)")
+    model = make_model(MODELS[model_name], DEVICE)
+    with threads(1) if DEVICE.type == "cpu" else contextlib.nullcontext():
         out = benchmark.pedantic(sample, args=(model, kv_cache), rounds=3, iterations=1, warmup_rounds=1)
     assert out.shape == (1, 1 + NEW_TOKENS)
-    benchmark.extra_info["new_tokens"] = NEW_TOKENS
-    benchmark.extra_info["tokens_per_s"] = NEW_TOKENS / benchmark.stats.stats.median
+    name = "kv_cache" if kv_cache else "no_cache"
+    threads_note = ", 1 thread" if DEVICE.type == "cpu" else ", bf16"
+    record(benchmark, Result(f"generation, {NEW_TOKENS} tokens, {model_name} model{threads_note}", name,
+                             NEW_TOKENS / benchmark.stats.stats.median, "tokens/s", baseline="no_cache"))
 
 
 def measure(repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Wall-clock and CPU seconds per run of each path. The two alternate, so a burst of load
-    elsewhere hits both; CPU time (this process's) is what the run itself cost, even when
-    other processes share the cores."""
+    """Wall-clock and CPU seconds per run of each path on the CPU char model. The two
+    alternate, so a burst of load elsewhere hits both; CPU time (this process's) is what the
+    run itself cost, even when other processes share the cores."""
     model = make_model()
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in ("kv_cache", "no_cache")}
     sample(model, True), sample(model, False)  # warm-up
@@ -83,7 +103,7 @@ def measure(repeats: int) -> dict[str, dict[str, list[float]]]:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="tokens/s of generation with and without the KV cache")
+    p = argparse.ArgumentParser(description="CPU tokens/s of generation with and without the KV cache")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()

@@ -114,7 +114,7 @@ def reload_env() -> None:
     """Read GPT_KERNELS again at the next kernel call (after changing ``os.environ``)."""
     global _env_choice
     _env_choice = None
-    _resolved.clear()
+    _selection_changed()
 
 
 def _parse_env_text(raw: str) -> dict[str, str]:
@@ -149,6 +149,13 @@ def selected(op: str, backend: str | None = None) -> str:
 # Only answers that do not depend on the call's tensors are kept (no backend's ``unsupported``
 # had a say); a change of selection (use_backend, reload_env) empties it.
 _resolved: dict[tuple[str, str, str | None, str], object] = {}
+_selection_epoch = 0  # bumped with every change of selection (see _selection_changed)
+
+
+def _selection_changed() -> None:
+    global _selection_epoch
+    _selection_epoch += 1
+    _resolved.clear()
 
 
 def resolve(op: str, fn: str, backend: str | None, args: tuple, kwargs: dict):
@@ -156,8 +163,9 @@ def resolve(op: str, fn: str, backend: str | None, args: tuple, kwargs: dict):
     key = (op, fn, backend, args[0].device.type)
     found = _resolved.get(key)
     if found is None:
+        epoch = _selection_epoch
         found, fixed = _resolve(op, fn, selected(op, backend), args, kwargs)
-        if fixed:
+        if fixed and epoch == _selection_epoch:  # not if another thread changed the selection meanwhile
             _resolved[key] = found
     return found
 
@@ -192,12 +200,12 @@ def use_backend(**choice: str) -> Iterator[None]:
         _check_choice(op, name)
         _preload(op, name)
     _overrides.append(dict(choice))
-    _resolved.clear()
+    _selection_changed()
     try:
         yield
     finally:
         _overrides.pop()
-        _resolved.clear()
+        _selection_changed()
 
 
 def _preload(op: str, name: str) -> None:

@@ -130,6 +130,42 @@ def test_selection_order(set_env):
     assert selected("attention") == "auto"
 
 
+def test_memoised_resolution_follows_use_backend():
+    q = torch.randn(1, 2, 3, 8)
+    args, kwargs = (q, q, q), dict(causal=True, dropout_p=0.0, scale=0.35)
+
+    def module() -> str:
+        return resolve("attention", "attention", None, args, kwargs).__module__
+
+    assert module() == "kernels.sdpa" and module() == "kernels.sdpa"  # auto on the CPU, then from the memo
+    with use_backend(attention="torch"):
+        assert module() == "kernels.reference"
+        with use_backend(attention="sdpa"):
+            assert module() == "kernels.sdpa"
+            assert resolve("attention", "attention", "torch", args, kwargs).__module__ == "kernels.reference"
+        assert module() == "kernels.reference"
+    assert module() == "kernels.sdpa"
+
+
+def test_a_selection_changed_mid_resolution_is_not_memoised(monkeypatch):
+    """Another thread entering use_backend while this one resolves: its answer is not kept."""
+    q = torch.randn(1, 2, 3, 8)
+    args, kwargs = (q, q, q), dict(causal=True, dropout_p=0.0, scale=0.35)
+    walk = dispatch._resolve
+
+    def interrupted(*a):
+        dispatch._selection_changed()
+        return walk(*a)
+
+    dispatch._selection_changed()
+    monkeypatch.setattr(dispatch, "_resolve", interrupted)
+    resolve("attention", "attention", None, args, kwargs)
+    assert not dispatch._resolved
+    monkeypatch.setattr(dispatch, "_resolve", walk)
+    resolve("attention", "attention", None, args, kwargs)
+    assert dispatch._resolved
+
+
 def test_the_env_var_is_read_once(set_env, monkeypatch):
     set_env("attention=torch")
     assert selected("attention") == "torch"

@@ -181,6 +181,7 @@ class GPT(nn.Module):
             block.attn.dropout = p
             block.attn.resid_dropout = dropout(p)
             block.mlp.dropout = dropout(p)
+        self.train(self.training)  # new modules start in training mode: give them the model's
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the position embedding (the token embedding

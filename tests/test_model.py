@@ -208,5 +208,8 @@ def test_dropout_zero_builds_nothing_to_run_and_set_dropout_turns_it_on():
     assert not torch.equal(model(idx)[0], model(idx)[0])  # dropout now acts in training mode
     model.eval()
     assert torch.equal(model(idx)[0], model(idx)[0])
+    model.set_dropout(0.3)  # in eval mode: the new modules follow it
+    assert not model.training and all(not m.training for m in model.modules())
+    assert torch.equal(model(idx)[0], model(idx)[0])
     with pytest.raises(ValueError, match="dropout must be in"):
         model.set_dropout(1.5)

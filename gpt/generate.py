@@ -23,6 +23,7 @@ the uncached path everywhere, at the uncached cost once the window is full.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -62,13 +63,27 @@ def pick_next(
     """The next token id (B, 1) for each row of ``logits`` (B, vocab). Temperature 0 or
     top_k 1 is greedy (argmax), and draws nothing from ``generator``."""
     logits = logits.float()
+    top = logits.amax(-1, keepdim=True)
+    _check_finite(top)  # a NaN anywhere in a row makes the row's max NaN
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1, keepdim=True)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    # the row's largest logit becomes 0 before scaling, so no temperature can overflow it
+    probs = filter_logits((logits - top) / temperature, top_k, top_p).softmax(-1)
     # an exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws token i with probability
-    # p_i, exactly as torch.multinomial(probs, 1) does, in half its time (this runs per token)
+    # p_i, as torch.multinomial(probs, 1) does internally, without its checks of probs (host
+    # syncs on CUDA, and half its time on the CPU); ours is _check_finite, above
     race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race).argmax(-1, keepdim=True)
+
+
+def _check_finite(row_max: torch.Tensor) -> None:
+    """Refuse NaN or +inf logits (a diverged model, an fp16 overflow): argmax would pick an
+    arbitrary token. Checked on each row's max, which any NaN or +inf in the row reaches."""
+    message = "sampling needs finite logits; got NaN or inf (a diverged model, or an fp16 overflow?)"
+    if row_max.device.type == "cuda":
+        torch._assert_async(row_max.isfinite().all(), message)  # no host sync
+    elif not math.isfinite(row_max.sum().item()):  # one number to read: cheaper than .all()
+        raise ValueError(message)
 
 
 def _check_args(idx: torch.Tensor, max_new_tokens: int, temperature: float, window_keep: int | None, block_size: int):
@@ -103,6 +118,10 @@ def generate_tokens(
     vocabulary padded past its tokenizer's, as nanoGPT pads GPT-2's 50257 to 50304). See the
     module docstring for ``kv_cache`` and ``window_keep``; models without attention (the
     bigram) ignore them. Arguments are checked here, before the first token is asked for.
+
+    The steps run under ``torch.inference_mode`` (see ``_inference_mode_is_safe``), so the
+    yielded tensors are inference tensors: read them, or ``.clone()`` one to update it in
+    place or use it in autograd (``generate`` returns an ordinary tensor).
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: run the module itself
     _check_args(idx, max_new_tokens, temperature, window_keep, model.config.block_size)

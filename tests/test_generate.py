@@ -221,3 +221,12 @@ def test_decoding_runs_in_inference_mode_except_under_deepspeed_zero3():
     # inference tensors and break training afterwards: plain no_grad then
     next(model.parameters()).ds_id = 0
     assert not next(generate_tokens(model, prompt, 1)).is_inference()
+
+
+def test_a_tiny_temperature_is_nearly_greedy_and_non_finite_logits_are_refused():
+    logits = torch.tensor([[-3.0, -1.0, -2.0], [5.0, 7.0, 6.5]])
+    assert pick_next(logits, temperature=1e-39).tolist() == [[1], [1]]  # no overflow into NaN
+    with pytest.raises(ValueError, match="finite logits"):
+        pick_next(torch.tensor([[0.0, float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="finite logits"):
+        pick_next(torch.tensor([[0.0, float("inf"), 1.0]]))

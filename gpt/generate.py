@@ -124,11 +124,36 @@ def generate_tokens(
     place or use it in autograd (``generate`` returns an ordinary tensor).
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: run the module itself
-    _check_args(idx, max_new_tokens, temperature, window_keep, model.config.block_size)
-    # the decorator form switches gradients off only while a step runs, not between yields
+    block_size = model.config.block_size
+    _check_args(idx, max_new_tokens, temperature, window_keep, block_size)
+    window_keep = window_keep or max(1, block_size // 2)
+    # as a decorator, the context switches gradients off only while a step runs, not between yields
     grad_off = torch.inference_mode() if _inference_mode_is_safe(model) else torch.no_grad()
-    steps = grad_off(_decode)
-    return steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache, window_keep, vocab_limit)
+
+    @grad_off
+    def steps(idx: torch.Tensor) -> Iterator[torch.Tensor]:
+        cache = KVCache(model.config) if kv_cache and isinstance(model, GPT) else None
+        was_training = model.training
+        model.eval()
+        try:
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    logits, _ = model(idx[:, -block_size:], last_only=True)
+                elif cache.length == 0:  # prefill: the whole prompt (its last block_size tokens) in one pass
+                    logits, _ = model(idx[:, -block_size:], last_only=True, cache=cache)
+                elif cache.length == block_size:  # full: slide, refilling from the latest window_keep tokens
+                    cache.reset()
+                    logits, _ = model(idx[:, -window_keep:], last_only=True, cache=cache)
+                else:  # the common step: only the newest token, against the cache
+                    logits, _ = model(idx[:, -1:], last_only=True, cache=cache)
+                logits = logits[:, -1, :vocab_limit]
+                next_id = pick_next(logits, temperature, top_k, top_p, generator)
+                idx = torch.cat([idx, next_id], dim=1)
+                yield next_id
+        finally:
+            model.train(was_training)
+
+    return steps(idx)
 
 
 def _inference_mode_is_safe(model: nn.Module) -> bool:
@@ -137,43 +162,6 @@ def _inference_mode_is_safe(model: nn.Module) -> bool:
     ``ds_id``) into new tensors inside forward, and some stay gathered: made under
     inference_mode, they break training after sampling (snowflakedb/ArcticTraining#265)."""
     return not any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-def _decode(
-    model: nn.Module,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-    kv_cache: bool,
-    window_keep: int | None,
-    vocab_limit: int | None,
-) -> Iterator[torch.Tensor]:
-    """``generate_tokens``' loop, with its arguments checked and gradients off."""
-    block_size = model.config.block_size
-    window_keep = window_keep or max(1, block_size // 2)
-    cache = KVCache(model.config) if kv_cache and isinstance(model, GPT) else None
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(max_new_tokens):
-            if cache is None:
-                logits, _ = model(idx[:, -block_size:], last_only=True)
-            elif cache.length == 0:  # prefill: the whole prompt (its last block_size tokens) in one pass
-                logits, _ = model(idx[:, -block_size:], last_only=True, cache=cache)
-            elif cache.length == block_size:  # full: slide, refilling from the latest window_keep tokens
-                cache.reset()
-                logits, _ = model(idx[:, -window_keep:], last_only=True, cache=cache)
-            else:  # the common step: only the newest token, against the cache
-                logits, _ = model(idx[:, -1:], last_only=True, cache=cache)
-            logits = logits[:, -1, :vocab_limit]
-            next_id = pick_next(logits, temperature, top_k, top_p, generator)
-            idx = torch.cat([idx, next_id], dim=1)
-            yield next_id
-    finally:
-        model.train(was_training)
 
 
 def generate(

@@ -11,8 +11,9 @@ matters to the user who asks for that backend.
 
 Selection order for one call: the call's ``backend=``, then ``use_backend(...)``, then the
 environment variable ``GPT_KERNELS`` (e.g. ``attention=triton,layer_norm=torch``; read once,
-at the first kernel call), then ``auto``. A backend the user named that cannot run the call is an error, never a silent
-fallback; ``auto`` walks a preference list and takes the first backend that can.
+at the first kernel call), then ``auto``. A backend the user named that cannot run the call
+is an error, never a silent fallback; ``auto`` walks a preference list and takes the first
+backend that can.
 """
 
 from __future__ import annotations

@@ -33,12 +33,15 @@ through ``kernels.attention`` without graph breaks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.triton import tuning
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HEAD_DIMS = (16, 32, 64, 128)
@@ -470,21 +473,23 @@ def _configs(kind: str, head_dim: int, fp32: bool, dropout: bool) -> list[_Cfg]:
     return _CONFIGS[(kind, group, "fp32" if fp32 else "16bit")]["dropout" if dropout else "plain"]
 
 
-_tuners: dict[tuple[str, int, bool, bool], object] = {}
-
-
 def _kernel(kind: str, head_dim: int, dtype: torch.dtype, dropout: bool) -> tuple[object, dict]:
     """The kernel to launch and the launch-time meta-parameters it still needs."""
-    if INTERPRET:  # autotune cannot benchmark without a GPU: one fixed, small config
+    if INTERPRET and not tuning.limited():  # no GPU timer for autotune: one fixed, small config
         block_m, block_n = INTERPRET_CONFIG[kind]
         return _KERNELS[kind], dict(BLOCK_M=block_m, BLOCK_N=block_n)
-    key = (kind, head_dim, dtype == torch.float32, dropout)
-    if key not in _tuners:
-        configs = [
-            triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in _configs(*key)
-        ]
-        _tuners[key] = triton.autotune(configs, key=_TUNE_KEY)(_KERNELS[kind])
-    return _tuners[key], {}
+    name, configs = _candidates(kind, head_dim, dtype == torch.float32, dropout)
+    return tuning.autotuned(name, _KERNELS[kind], configs, _TUNE_KEY), {}
+
+
+@functools.cache
+def _candidates(kind: str, head_dim: int, fp32: bool, dropout: bool) -> tuple[str, list[triton.Config]]:
+    """The autotuner's name for this kernel variant, and its candidate configs."""
+    configs = [
+        triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+        for m, n, w, s in _configs(kind, head_dim, fp32, dropout)
+    ]
+    return f"attn_{kind}[D{head_dim},{'fp32' if fp32 else '16bit'}{',dropout' * dropout}]", configs
 
 
 # Tests set this to fill every output buffer with NaN before the kernels run, so an element a

@@ -434,8 +434,15 @@ def _sm_count(device: torch.device) -> int:
     return INTERPRETER_SM_COUNT
 
 
+# Parity checks set this to fill every buffer the kernels allocate with NaN first, so an element
+# a kernel forgot to write fails the comparison (the same switch as the attention kernels').
+POISON_OUTPUTS = False
+
+
 def _uninitialised(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a kernel output whose every element the kernel writes (tests fill it with NaN)."""
+    """Allocate a kernel output whose every element the kernel writes."""
+    if POISON_OUTPUTS:
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.suite.results import format_number
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -69,12 +71,21 @@ def summary_tables(results: list[Result]) -> str:
         for r in rows:
             base = next((b for b in rows if b.name == r.baseline), None)
             ratio = f"{r.value / base.value:6.2f}x vs {base.name}" if base and base.value else ""
-            lines.append(f"  {r.name:<{width}}  {_number(r.value):>12} {r.unit:<9} {ratio} {r.note}".rstrip())
+            lines.append(f"  {r.name:<{width}}  {format_number(r.value):>12} {r.unit:<9} {ratio} {r.note}".rstrip())
     return "\n".join(lines)
 
 
-def _number(value: float) -> str:
-    """Three significant digits or more: 12,345 / 123.4 / 1.23 / 0.0123."""
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+def attention_flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> float:
+    """FLOPs of attention over (B, H, T, D): 4·B·H·T²·D forward (two matmuls), halved when
+    causal; the backward counts 2.5 times the forward (FlashAttention's convention)."""
+    fwd = 4 * B * H * T * T * D / (2 if causal else 1)
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def ln_bytes(M: int, N: int, elem: int, mode: str, fused: bool) -> float:
+    """Bytes a LayerNorm over (M, N) must move. The forward reads x (and residual) and writes y
+    (and h); the backward reads x, dy (and dh) and writes dx; weights and statistics are
+    negligible next to M*N."""
+    fwd = (4 if fused else 2) * M * N * elem
+    bwd = (4 if fused else 3) * M * N * elem
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]

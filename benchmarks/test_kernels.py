@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import kernels
-from benchmarks.common import DEVICE, Result, record, seconds_per_call
+from benchmarks.common import DEVICE, Result, attention_flops, ln_bytes, record, seconds_per_call
 
 CUDA = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -46,11 +46,6 @@ def cycle(make_inputs):
     """A function returning the next of INPUT_SETS pre-made input tuples on each call."""
     sets = itertools.cycle([make_inputs() for _ in range(INPUT_SETS)])
     return lambda: next(sets)
-
-
-def attention_flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> float:
-    fwd = 4 * B * H * T * T * D / (2 if causal else 1)
-    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
@@ -83,14 +78,6 @@ def test_attention(benchmark, backend, shape, mode):
     tflops = attention_flops(B, H, T, D, True, mode) / seconds / 1e12
     group = f"attention {mode}, causal, {str(DTYPE).removeprefix('torch.')}, B{B} H{H} T{T} D{D}"
     record(benchmark, Result(group, backend, tflops, "TFLOP/s", baseline="sdpa"))
-
-
-def ln_bytes(M: int, N: int, elem: int, mode: str, fused: bool) -> float:
-    # forward reads x (and residual) and writes y (and h); backward reads x, dy (and dh) and
-    # writes dx; weights and statistics are negligible next to M*N
-    fwd = (4 if fused else 2) * M * N * elem
-    bwd = (4 if fused else 3) * M * N * elem
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])

@@ -8,7 +8,7 @@ CONFIG ?= train/configs/shakespeare_char_cpu.toml
 OUT ?= out/shakespeare_char_cpu
 ARGS ?=
 
-.PHONY: install train sample test bench gpu-suite lint clean
+.PHONY: install train sample test bench gpu-suite gpu-rehearse lint clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ bench: install
 # The GPU image brings its own torch and triton (and may have no package index): no venv here.
 gpu-suite:
 	$(PYTHON) benchmarks/gpu_suite.py $(ARGS)
+
+# The GPU suite's machinery on the CPU at toy sizes (Triton through its interpreter).
+gpu-rehearse: install
+	$(PY) benchmarks/gpu_suite.py --rehearse $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

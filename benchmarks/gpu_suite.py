@@ -97,7 +97,7 @@ class Log:
     """Everything the suite and its stages print: to stdout and to DIR/suite.log."""
 
     def __init__(self, path: Path) -> None:
-        self.file = open(path, "ab", buffering=0)  # noqa: SIM115 (open for the whole run)
+        self.file = open(path, "ab", buffering=0)  # open for the whole run, unbuffered
         self.lock = threading.Lock()
 
     def write(self, data: bytes) -> None:

@@ -45,7 +45,8 @@ class TrainStep:
     def __init__(self, stage: Stage, config: GPTConfig, batch: int, backend: str, compiled: bool) -> None:
         torch.manual_seed(0)
         self.stage, self.backend, self.batch, self.compiled = stage, backend, batch, compiled
-        self.model = GPT(config).to(stage.device)
+        with stage.device:  # built where it runs: initialising 124M parameters on the host takes seconds
+            self.model = GPT(config)
         self.optimizer = torch.optim.AdamW(self.model.optimizer_groups(0.1), lr=6e-4, betas=(0.9, 0.95),
                                            fused=stage.cuda)  # fmt: skip
         self.forward = self.model
@@ -235,7 +236,8 @@ def run_generate(stage: Stage) -> None:
             stage.note("generation", model_name, "not reached: out of time")
             continue
         torch.manual_seed(0)
-        model = GPT(config).to(stage.device).eval()
+        with stage.device:
+            model = GPT(config).eval()
         fns = {name: _sampler(stage, model, new_tokens, name == "kv_cache") for name in ("kv_cache", "no_cache")}
         for fn in fns.values():  # warm-up: every sequence length the timed runs meet is tuned here
             fn()

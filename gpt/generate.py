@@ -42,7 +42,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         kth = torch.topk(logits, top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
+        if not 0.0 < top_p <= 1.0:  # also refuses NaN
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
@@ -89,8 +89,8 @@ def _check_finite(row_max: torch.Tensor) -> None:
 def _check_args(idx: torch.Tensor, max_new_tokens: int, temperature: float, window_keep: int | None, block_size: int):
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN would pass a plain comparison
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if idx.dim() != 2 or idx.size(1) < 1:
         raise ValueError(
             f"idx must be (batch, seq_len) with seq_len >= 1, got shape {tuple(idx.shape)}; "

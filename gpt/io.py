@@ -1,12 +1,16 @@
 """Saving and loading a model on its own: weights in safetensors, shape and tokenizer in JSON.
 
 A model directory holds ``model.safetensors`` and ``model.json``; training checkpoints
-(``train/checkpoint.py``) are model directories with the training state beside them.
+(``train/checkpoint.py``) are model directories with the training state beside them, and a
+``manifest.json`` with the sha256 of every file, which ``find_model_dir`` checks before it
+hands a checkpoint to anyone (sampling from a damaged checkpoint would be silently wrong).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
@@ -17,6 +21,7 @@ from gpt.model import build_model
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
+MANIFEST = "manifest.json"  # written last into a checkpoint: sha256 of every other file
 
 
 def save_model(model: torch.nn.Module, directory: str | Path, tokenizer_meta: dict | None = None) -> None:
@@ -30,17 +35,55 @@ def save_model(model: torch.nn.Module, directory: str | Path, tokenizer_meta: di
     (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def find_model_dir(path: str | Path) -> Path:
-    """``path`` itself if it holds a model, else the newest ``checkpoints/step_*`` under it
-    (a training run's output folder)."""
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(directory: Path) -> str | None:
+    """None if the checkpoint's files match its manifest, else what is wrong."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (an interrupted write?)"
+    try:
+        expected = json.loads(manifest_path.read_text())["files"]
+        items = list(expected.items())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "manifest is unreadable"
+    for name, digest in items:
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_of(path) != digest:
+            return f"{name} does not match its sha256 in the manifest (truncated or corrupted)"
+    return None
+
+
+def find_model_dir(path: str | Path, warn: Callable[[str], None] | None = None) -> Path:
+    """``path`` itself if it holds a model, else the newest ``checkpoints/step_*`` under it (a
+    training run's output folder) whose manifest verifies; damaged newer ones are reported
+    through ``warn`` and skipped. A model directory with a manifest must match it too."""
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
+        if (path / MANIFEST).is_file() and (problem := verify(path)):
+            raise ValueError(f"{path} is damaged: {problem}")
         return path
     steps = sorted((path / "checkpoints").glob("step_*"), key=lambda p: p.name)
     steps = [p for p in steps if (p / WEIGHTS_FILE).is_file()]
     if not steps:
         raise FileNotFoundError(f"no model in {path}: expected {WEIGHTS_FILE} or checkpoints/step_*/ (train first)")
-    return steps[-1]
+    problems = []
+    for step in reversed(steps):
+        problem = verify(step)
+        if problem is None:
+            return step
+        problems.append(f"{step.name}: {problem}")
+        if warn:
+            warn(f"checkpoint {step} is unusable ({problem}); trying the previous one")
+    raise ValueError(f"no usable checkpoint in {path / 'checkpoints'}: {'; '.join(problems)}")
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:

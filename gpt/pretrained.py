@@ -360,12 +360,22 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out_dir", required=True,
                         help="a training run's output folder or model directory (or anything load_pretrained takes)")
     export.add_argument("--to", required=True, help="the directory to write config.json and model.safetensors into")
+    export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --to")
     args = p.parse_args(argv)
     try:
+        to = Path(args.to)
+        if to.exists() and not to.is_dir():
+            raise ValueError(f"--to {to} exists and is not a folder")
+        earlier = [n for n in (HF_CONFIG, HF_SAFETENSORS) if (to / n).exists()]
+        if earlier and not args.overwrite:
+            raise ValueError(f"--to {to} already holds {' and '.join(earlier)}; pass --overwrite to replace them")
         model, tokenizer_meta = load_pretrained(args.out_dir)
-        directory = export_hf(model, args.to, tokenizer_meta)
+        directory = export_hf(model, to, tokenizer_meta)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only or full disk
+        print(f"error: cannot write into {args.to}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(f"wrote {directory / HF_CONFIG} and {directory / HF_SAFETENSORS} ({model.num_params() / 1e6:.2f}M params)")
     return 0

@@ -12,6 +12,7 @@ after another. Each sample is printed with its prompt, then a line of dashes.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from gpt.generate import generate_text
 from gpt.io import find_model_dir, load_model
 from gpt.pretrained import load_pretrained
-from gpt.tokenizer import TokenizerUnavailableError, tokenizer_from_meta
+from gpt.tokenizer import TokenizerUnavailableError, start_tokens, tokenizer_from_meta
 
 SEPARATOR = "---------------"
 
@@ -38,12 +39,41 @@ def _unescape(text: str) -> str:
     return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what would sample nonsense, before anything is loaded or printed."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name}: this machine has no CUDA device; use --device=cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/shakespeare_char_cpu", help="training output folder or model directory")
     p.add_argument("--init_from", default=None,
                    help="gpt2|gpt2-medium|gpt2-large|gpt2-xl|PATH: sample from these weights instead of --out_dir")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--prompt", default=None,
+                   help="text to continue (default: a newline, or the vocabulary's first character if it has none)")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -57,22 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args(argv)
     try:
-        device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        check_args(args)
+        device = pick_device(args.device)
         if args.init_from:
             model, tokenizer_meta = load_pretrained(args.init_from, device)
             source = args.init_from
         else:
-            directory = find_model_dir(Path(args.out_dir))
+            directory = find_model_dir(Path(args.out_dir), warn=lambda m: print(m, file=sys.stderr))
             model, info = load_model(directory, device)
             tokenizer_meta, source = info.get("tokenizer"), directory
         if not tokenizer_meta:
             raise ValueError(f"{source} has no tokenizer description; cannot encode the prompt")
         tokenizer = tokenizer_from_meta(tokenizer_meta)
+        if args.prompt is None:  # a newline where the vocabulary has one, else a character it has
+            args.prompt = tokenizer.decode(start_tokens(tokenizer)) if tokenizer.name == "char" else "\n"
         stop = _unescape(args.stop) if args.stop else None
         if not tokenizer.encode(args.prompt):  # checked before anything is printed
             raise ValueError("the prompt is empty after tokenization; give at least one character")
-        if args.num_samples < 1:
-            raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
         generator = torch.Generator(device).manual_seed(args.seed)
         streaming = args.num_samples == 1
         if streaming:

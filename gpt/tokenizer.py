@@ -183,3 +183,12 @@ def tokenizer_from_meta(meta: dict[str, Any]) -> CharTokenizer | GPT2Tokenizer:
             f"tokenizer meta says vocab_size {expected}, but the rebuilt tokenizer has {tokenizer.vocab_size}"
         )
     return tokenizer
+
+
+def start_tokens(tokenizer: CharTokenizer | GPT2Tokenizer) -> list[int]:
+    """A neutral first token to sample from when there is no prompt: GPT-2's end-of-text token,
+    a newline where a character vocabulary has one (the start of a line), else the
+    vocabulary's first character (a corpus without a newline has no newline to start from)."""
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return [tokenizer.eot_token]
+    return [tokenizer.stoi["\n"] if "\n" in tokenizer.stoi else 0]

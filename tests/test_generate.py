@@ -204,8 +204,9 @@ def test_sampling_draws_each_token_with_its_probability():
 
 def test_bad_arguments_are_refused_before_the_first_token_is_asked_for():
     model = small_gpt()
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        generate_tokens(model, torch.zeros(1, 1, dtype=torch.long), 5, temperature=-1.0)  # no next() needed
+    for temperature in (-1.0, float("nan"), float("inf")):  # NaN would pass a plain comparison
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            generate_tokens(model, torch.zeros(1, 1, dtype=torch.long), 5, temperature=temperature)  # no next()
 
 
 def test_decoding_runs_in_inference_mode_except_under_deepspeed_zero3():

@@ -13,11 +13,11 @@ import safetensors.torch
 import torch
 
 from gpt.config import GPTConfig
-from gpt.io import save_model
 from gpt.model import GPT
 from gpt.pretrained import export_hf, load_nanogpt, load_pretrained
 from gpt.pretrained import main as pretrained_main
 from gpt.sample import main as sample_main
+from train import checkpoint
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
@@ -100,7 +100,7 @@ def test_export_cli_and_sampling_from_the_export(tmp_path, capsys):
     torch.manual_seed(2)
     model = GPT(GPTConfig(vocab_size=3, block_size=16, n_layer=1, n_head=2, n_embd=32))
     chars = {"name": "char", "vocab_size": 3, "chars": "ab\n"}
-    save_model(model, tmp_path / "run" / "checkpoints" / "step_0000010", chars)
+    checkpoint.save_checkpoint(tmp_path / "run", 10, model, None, None, {}, chars)  # a training run's checkpoint
     assert pretrained_main(["export", "--out_dir", str(tmp_path / "run"), "--to", str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["gpt_tokenizer"] == chars
     assert load_pretrained(tmp_path / "hf")[1] == chars  # the char tokenizer travels with the export
@@ -115,6 +115,15 @@ def test_export_cli_and_sampling_from_the_export(tmp_path, capsys):
     stopped = outputs[2].removesuffix("\n---------------\n")[2:]
     assert stopped.count("b") <= 1 and (stopped.endswith("b") or len(stopped) == 12)
     assert pretrained_main(["export", "--out_dir", str(tmp_path / "nothing"), "--to", str(tmp_path / "x")]) == 2
+    # an earlier export is not replaced silently, a file is not a folder, and --overwrite replaces
+    before = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    again = ["export", "--out_dir", str(tmp_path / "run"), "--to", str(tmp_path / "hf")]
+    assert pretrained_main(again) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    assert pretrained_main([*again[:-1], str(tmp_path / "file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+    assert pretrained_main([*again, "--overwrite"]) == 0
 
 
 def test_nanogpt_checkpoint_import(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -24,23 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from gpt.io import load_model, save_model
+from gpt.io import MANIFEST, load_model, save_model
+from gpt.io import sha256_of as _sha256
+from gpt.io import verify as verify  # the manifest's check lives in gpt/io.py: sampling verifies too
 
-MANIFEST = "manifest.json"
 PREFIX = "step_"
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint; the message says what was found and why it was refused."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -102,13 +97,36 @@ def save_checkpoint(
     join the manifest and the whole directory is renamed into place.
     """
     root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
-    if staged is None:
-        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = staged or root / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if staged is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _write(tmp, step, model, optimizer, scaler, config, tokenizer_meta, trainer_state, extra_state)
+    except (OSError, SafetensorError, RuntimeError) as err:  # a full disk, a read-only one, ...
         shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(out_dir)
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} into {root}: {getattr(err, 'strerror', None) or err}; "
+            f"the earlier checkpoints are untouched ({kept[-1].name if kept else 'none yet'} is the newest)"
+        ) from None
+    if final.exists():  # the same step saved again (a resumed run): swap, never delete first
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
     else:
-        tmp = staged
+        os.rename(tmp, final)
+    _fsync(root)
+    for stale in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _write(tmp: Path, step: int, model, optimizer, scaler, config: dict, tokenizer_meta: dict | None,
+           trainer_state: dict | None, extra_state: dict | None) -> None:
+    """Every file of the checkpoint into ``tmp``, each fsynced, the manifest last."""
     save_model(model, tmp, tokenizer_meta)
     rng = rng_states()
     torch.save(
@@ -132,17 +150,6 @@ def save_checkpoint(
     manifest = dict(step=step, config_hash=config_hash(config), files={n: _sha256(tmp / n) for n in files})
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     _fsync(tmp / MANIFEST)
-    if final.exists():  # the same step saved again (a resumed run): swap, never delete first
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
-    for stale in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -154,28 +161,13 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def verify(directory: Path) -> str | None:
-    """None if the checkpoint's files match its manifest, else what is wrong."""
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest (an interrupted write?)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        expected = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return "manifest is unreadable"
-    for name, digest in expected.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if _sha256(path) != digest:
-            return f"{name} does not match its sha256 in the manifest (truncated or corrupted)"
-    return None
-
-
-def latest_valid(out_dir: str | Path, warn=print) -> Path | None:
-    """The newest checkpoint that passes ``verify``; damaged newer ones are reported via ``warn``."""
-    for directory in reversed(list_checkpoints(out_dir)):
+def latest_valid(out_dir: str | Path, warn=print, before: Path | None = None) -> Path | None:
+    """The newest checkpoint that passes ``verify`` (older than ``before``, if given); damaged
+    newer ones are reported via ``warn``."""
+    found = list_checkpoints(out_dir)
+    if before is not None:
+        found = [d for d in found if int(d.name[len(PREFIX):]) < int(before.name[len(PREFIX):])]
+    for directory in reversed(found):
         problem = verify(directory)
         if problem is None:
             return directory
@@ -194,7 +186,10 @@ class Resumed:
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Resumed:
     """Read a checkpoint written by ``save_checkpoint`` (every ``torch.load`` is weights_only)."""
     directory = Path(directory)
-    model, _ = load_model(directory, device=device)
+    try:
+        model, _ = load_model(directory, device=device)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"checkpoint {directory}: its model cannot be loaded ({err})") from None
     trainer, tensors = load_training_state(directory)
     return Resumed(step=trainer["step"], model=model, trainer=trainer, tensors=tensors)
 
@@ -202,7 +197,15 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
 def load_training_state(directory: str | Path) -> tuple[dict, dict]:
     """trainer.json and state.pt of a checkpoint, without the model."""
     directory = Path(directory)
-    # RNG states must stay on the CPU; optimizer.load_state_dict moves its state to the params
-    tensors = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
-    trainer = json.loads((directory / "trainer.json").read_text())
+    try:
+        # RNG states must stay on the CPU; optimizer.load_state_dict moves its state to the params
+        tensors = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
+        # torch's own message would suggest weights_only=False, i.e. running whatever the file holds
+        raise CheckpointError(f"{directory / 'state.pt'} cannot be read safely: it is not a weights-only "
+                              "file (damaged, or not written by this code)") from None
+    try:
+        trainer = json.loads((directory / "trainer.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory / 'trainer.json'} cannot be read ({err})") from None
     return trainer, tensors

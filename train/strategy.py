@@ -152,14 +152,24 @@ class Strategy:
 
     def save(self, out_dir: Path, step: int, tokenizer_meta: dict, trainer_state: dict) -> Path | None:
         """Called on every rank; rank 0 writes the checkpoint of ``step`` and returns its path."""
-        rng, path = self._rank_rng(), None
+        rng, path, error = self._rank_rng(), None, None
         if self.is_main:
-            path = checkpoint.save_checkpoint(
-                out_dir, step, self.model, self.optimizer, self.scaler if self.scaler.is_enabled() else None,
-                self.cfg.to_dict(), tokenizer_meta, trainer_state, keep_last=self.cfg.keep_last, extra_state=rng,
-            )
+            try:
+                path = checkpoint.save_checkpoint(
+                    out_dir, step, self.model, self.optimizer, self.scaler if self.scaler.is_enabled() else None,
+                    self.cfg.to_dict(), tokenizer_meta, trainer_state, keep_last=self.cfg.keep_last, extra_state=rng,
+                )
+            except checkpoint.CheckpointError as err:  # a full disk: every rank stops, none waits
+                error = err
         self.barrier()
+        self.raise_any(error)
         return path
+
+    def raise_any(self, error: Exception | None) -> None:
+        """Raise on every rank the error any rank had (one collective), so none is left waiting."""
+        errors = [e for e in self.gather_objects(error) if e is not None]
+        if errors:
+            raise errors[0]
 
     def load(self, directory: Path) -> dict:
         """Restore model, optimizer, scaler and this rank's RNG; returns trainer.json."""
@@ -339,13 +349,18 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
         weights, rng = self._full_state_dict(), self._rank_rng()
         self.barrier()
+        error = None
         if self.is_main:
             model = build_model(self.model.config)
             model.load_state_dict(weights)
-            path = checkpoint.save_checkpoint(out_dir, step, model, None, None, self.cfg.to_dict(), tokenizer_meta,
-                                              trainer_state, keep_last=self.cfg.keep_last, extra_state=rng,
-                                              staged=staging)
+            try:
+                path = checkpoint.save_checkpoint(out_dir, step, model, None, None, self.cfg.to_dict(),
+                                                  tokenizer_meta, trainer_state, keep_last=self.cfg.keep_last,
+                                                  extra_state=rng, staged=staging)
+            except checkpoint.CheckpointError as err:
+                error = err
         self.barrier()
+        self.raise_any(error)
         return path
 
     def load(self, directory: Path) -> dict:

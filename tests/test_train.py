@@ -109,7 +109,7 @@ def test_resume_without_checkpoint_is_refused(data_dir, tmp_path):
 
 def test_resume_with_another_model_shape_is_refused(data_dir, tmp_path):
     train(config(data_dir, tmp_path, max_iters=2, eval_interval=2), log=lambda *_: None)
-    with pytest.raises(ConfigError, match="holds a model of shape"):
+    with pytest.raises(ConfigError, match=r"keeps its data and model, but this command changes n_embd 32 -> 64"):
         Trainer(config(data_dir, tmp_path, n_embd=64, resume=True))
 
 

@@ -11,81 +11,110 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from gpt.config import GPTConfig
+from train.data import BUILTIN_DATASETS, valid_dataset_name
 
 
 class ConfigError(ValueError):
     """A bad configuration: unknown key, wrong type or value. Its message is for the user."""
 
 
+def opt(default, help: str, choices: tuple = ()):
+    """A config field with its one-line description and, where the values are a fixed set,
+    the allowed ones: ``--help`` prints both and validation checks the choices."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+SEED_LIMIT = 2**32  # numpy's seeds are 32-bit
+
+
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "shakespeare_char"
-    data_dir: str = "data"
-    input: str = ""  # a local text file to train on instead of the named dataset
-    tokenizer: str = ""  # "char" or "gpt2"; empty: the dataset's default
+    dataset: str = opt("shakespeare_char", "the dataset's folder under data_dir; built in: shakespeare_char, "
+                       "shakespeare (with --input: your text's file stem unless named)")
+    data_dir: str = opt("data", "where datasets are prepared and kept")
+    input: str = opt("", "a local UTF-8 text file to train on, prepared as its own dataset")
+    tokenizer: str = opt("", "the tokenizer; empty: the dataset's default", ("", "char", "gpt2"))
     # model (see gpt/config.py)
-    model: str = "gpt"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128
-    dropout: float = 0.0
-    bias: bool = True
+    model: str = opt("gpt", "the Transformer, or the lecture's bigram baseline", ("gpt", "bigram"))
+    n_layer: int = opt(4, "Transformer blocks")
+    n_head: int = opt(4, "attention heads per block (must divide n_embd)")
+    n_embd: int = opt(128, "width of the residual stream")
+    block_size: int = opt(128, "context length in tokens")
+    dropout: float = opt(0.0, "dropout probability in [0, 1)")
+    bias: bool = opt(True, "biases in Linear layers and LayerNorms, as GPT-2")
     # optimisation: AdamW with linear warmup and cosine decay to min_lr
-    batch_size: int = 32  # micro-batch of one rank
-    gradient_accumulation_steps: int = 1  # in total over all ranks: the global batch is the same on any number
-    max_iters: int = 2000
-    learning_rate: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int = 0  # 0: decay over max_iters
-    decay_lr: bool = True
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
+    batch_size: int = opt(32, "micro-batch of one rank, in sequences")
+    gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step, over all ranks together "
+                                              "(the global batch is the same on any number of ranks)")
+    max_iters: int = opt(2000, "optimizer steps in all")
+    learning_rate: float = opt(2e-3, "peak learning rate, after warmup")
+    min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = opt(100, "steps of linear warmup")
+    lr_decay_iters: int = opt(0, "step at which the decay reaches min_lr; 0: max_iters")
+    decay_lr: bool = opt(True, "warmup and cosine decay; false: a constant learning rate")
+    weight_decay: float = opt(0.1, "AdamW weight decay (Linear weights only)")
+    beta1: float = opt(0.9, "AdamW beta1, in [0, 1)")
+    beta2: float = opt(0.99, "AdamW beta2, in [0, 1)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 disables clipping")
     # evaluation, logging, output
-    eval_interval: int = 500
-    eval_iters: int = 20
-    log_interval: int = 50
-    out_dir: str = "out"
-    resume: str = "false"  # true: continue from the newest good checkpoint in out_dir; auto: if there is one
-    overwrite: bool = False  # a fresh run may replace an earlier run's checkpoints in out_dir
-    checkpoint_interval: int = 0  # 0: checkpoint at every evaluation
-    keep_last: int = 2  # checkpoints kept on disk
-    init_from: str = "scratch"  # scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a model's path
-    nan_policy: str = "stop"  # a NaN/inf loss or gradient norm: stop (checkpoint, exit 3) or skip the step
-    num_samples: int = 2  # samples printed and saved when training ends
-    sample_tokens: int = 300
-    progress: bool = True  # tqdm progress bar
+    eval_interval: int = opt(500, "steps between evaluations")
+    eval_iters: int = opt(20, "batches per evaluation and split")
+    log_interval: int = opt(50, "steps between log lines")
+    out_dir: str = opt("out", "checkpoints, metrics.jsonl, loss.png and samples.txt go here")
+    resume: str = opt("false", "continue the run saved in out_dir (auto: if there is one)", ("false", "true", "auto"))
+    overwrite: bool = opt(False, "a fresh run may replace an earlier run's checkpoints in out_dir")
+    checkpoint_interval: int = opt(0, "steps between checkpoints; 0: at every evaluation")
+    keep_last: int = opt(2, "checkpoints kept on disk")
+    init_from: str = opt("scratch", "scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a model's path")
+    nan_policy: str = opt("stop", "on a non-finite loss or gradient norm: stop (checkpoint, exit 3) or skip the "
+                          "step", ("stop", "skip"))
+    num_samples: int = opt(2, "samples printed and saved when training ends")
+    sample_tokens: int = opt(300, "tokens per sample")
+    progress: bool = opt(True, "a progress bar")
     # system
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # auto (bf16 where supported on CUDA, else fp32), bf16, fp16, fp32
-    compile: bool = False
-    attn_backend: str = "auto"  # auto, torch, sdpa, flash_attn, triton
-    ln_backend: str = "auto"  # auto, torch, triton
-    seed: int = 1337
-    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0: look the device up
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = opt("auto", "compute precision; auto: bf16 where CUDA supports it, else fp32",
+                     ("auto", "bf16", "fp16", "fp32"))
+    compile: bool = opt(False, "torch.compile the model")
+    attn_backend: str = opt("auto", "attention kernels; auto: GPT_KERNELS if set, else the fastest here",
+                            ("auto", "torch", "sdpa", "flash_attn", "triton"))
+    ln_backend: str = opt("auto", "LayerNorm kernels; auto: GPT_KERNELS if set, else the fastest here",
+                          ("auto", "torch", "triton"))
+    seed: int = opt(1337, f"random seed, 0 to {SEED_LIMIT - 1}")
+    peak_flops: float = opt(0.0, "the device's peak FLOP/s for MFU; 0: look the device up")
     # distributed (see train/strategy.py): launch with torchrun or the deepspeed launcher
-    strategy: str = "auto"  # auto (ddp when launched with several ranks, else single), single, ddp, deepspeed
-    zero_stage: int = -1  # DeepSpeed ZeRO stage 0-3; -1: the stage in --deepspeed_config, else 1
-    deepspeed_config: str = ""  # a DeepSpeed JSON config to start from; our flags fill in the rest
+    strategy: str = opt("auto", "auto: ddp when launched with several ranks, else single",
+                        ("auto", "single", "ddp", "deepspeed"))
+    zero_stage: int = opt(-1, "DeepSpeed ZeRO stage 0-3; -1: the stage in --deepspeed_config, else 1")
+    deepspeed_config: str = opt("", "a DeepSpeed JSON config to start from; our flags fill in the rest")
 
     def __post_init__(self) -> None:
         resume = str(self.resume).lower()  # True/False from Python, text from the command line
         self.resume = {"1": "true", "yes": "true", "0": "false", "no": "false", "": "false"}.get(resume, resume)
-        if self.resume not in ("false", "true", "auto"):
-            raise ConfigError(f"resume must be true, false or auto; got {self.resume!r}")
-        if self.nan_policy not in ("stop", "skip"):
-            raise ConfigError(f"nan_policy must be stop or skip; got {self.nan_policy!r}")
+        for f in fields(self):  # the fixed sets of values, as the fields declare them
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                allowed = ", ".join(repr(c) if c == "" else c for c in choices)
+                raise ConfigError(f"{f.name} must be one of {allowed}; got {getattr(self, f.name)!r}")
+        for f in fields(self):  # NaN passes every comparison below, and inf means nothing here
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if self.input and self.dataset in BUILTIN_DATASETS:
+            # your text is a dataset of its own, named after its file: never Tiny Shakespeare's folder
+            self.dataset = Path(self.input).stem
+            if not valid_dataset_name(self.dataset):
+                raise ConfigError(f"--input {self.input}: its file name {self.dataset!r} cannot name a dataset "
+                                  "folder; name it with --dataset=NAME (letters, digits, '_', '-', '.')")
         if not self.init_from:
             raise ConfigError("init_from must be scratch, resume, a GPT-2 name or a path; got ''")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
@@ -105,17 +134,12 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError(f"dtype must be one of auto, bf16, fp16, fp32; got {self.dtype!r}")
-        if self.strategy not in ("auto", "single", "ddp", "deepspeed"):
-            raise ConfigError(f"strategy must be one of auto, single, ddp, deepspeed; got {self.strategy!r}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be from 0 to {SEED_LIMIT - 1}, got {self.seed}")
         if not -1 <= self.zero_stage <= 3:
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3 (or -1 for the default), got {self.zero_stage}")
         if self.deepspeed_config and self.strategy != "deepspeed":
             raise ConfigError("--deepspeed_config is only used with --strategy=deepspeed")
-        if self.tokenizer not in ("", "char", "gpt2"):
-            raise ConfigError(f"tokenizer must be 'char' or 'gpt2' (or empty for the dataset's default), "
-                              f"got {self.tokenizer!r}")
         try:
             self.model_config(vocab_size=1)
         except ValueError as err:
@@ -195,7 +219,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
     overrides = overrides or {}
     _check_known(overrides, "the command line")
     values.update({k: _coerce(k, v, from_text=True) for k, v in overrides.items()})
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    cfg.explicit = frozenset(values)  # what the user set: a resumed run takes the rest from its checkpoint
+    return cfg
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -224,6 +250,12 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict[str, str]]:
 
 
 def describe() -> str:
-    """Every key with its type and default, for --help."""
-    rows = [f"  --{f.name}={f.default!r:<20} ({_field_type(f.name).__name__})" for f in fields(TrainConfig)]
-    return "\n".join(rows)
+    """Every key with its default, type, description and allowed values, for --help."""
+    rows = []
+    for f in fields(TrainConfig):
+        choices = f.metadata.get("choices")
+        allowed = " [" + "|".join(c or "''" for c in choices) + "]" if choices else ""
+        text = f.metadata.get("help", "") + allowed
+        rows.append((f"--{f.name}={f.default!r}", _field_type(f.name).__name__, text))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {flag:<{width}}  {kind:<5}  {text}" for flag, kind, text in rows)

@@ -43,6 +43,7 @@ SPLITS = ("train", "val")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_CACHE_NAME = "tinyshakespeare.txt"
+SHAKESPEARE_NAME = "tinyshakespeare"  # the source name in meta.json
 DATA_URL_ENV = "GPT_DATA_URL"  # replaces SHAKESPEARE_URL: an http(s) mirror or a file:// path
 DOWNLOAD_TIMEOUT_S = 30.0
 DOWNLOADS_DIR = "downloads"  # under data_dir, beside the dataset folders
@@ -72,6 +73,8 @@ def prepare(
     "shakespeare" and "char" otherwise. Same input, same files, byte for byte.
     """
     _check_dataset_name(dataset)
+    if input_path is not None and dataset in BUILTIN_DATASETS:
+        raise DataError(_builtin_name_taken(dataset, input_path))
     if input_path is None and dataset not in BUILTIN_DATASETS:
         known = ", ".join(BUILTIN_DATASETS)
         raise DataError(
@@ -84,7 +87,7 @@ def prepare(
 
     if input_path is None:
         raw = fetch_shakespeare(data_dir)
-        source: dict[str, Any] = {"name": "tinyshakespeare", "url": SHAKESPEARE_URL}
+        source: dict[str, Any] = {"name": SHAKESPEARE_NAME, "url": SHAKESPEARE_URL}
     else:
         input_path = Path(input_path)
         raw = _read_input(input_path)
@@ -119,6 +122,12 @@ def prepare(
     }
 
     folder = data_dir / dataset
+    held = _source_in(folder)
+    if held is not None and not same_source(held, source):
+        raise DataError(
+            f"{folder} holds the tokens of {describe_source(held)}; a dataset is never replaced by another text "
+            f"({describe_source(source)}): choose another dataset name, or delete {folder} first"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     # meta.json marks a complete folder: drop the old one first, write the new one last
     (folder / "meta.json").unlink(missing_ok=True)
@@ -150,6 +159,8 @@ def ensure_prepared(
     In multi-process training call this on one rank, then wait at a barrier.
     """
     folder = Path(data_dir) / dataset
+    if input_path is not None and dataset in BUILTIN_DATASETS:
+        raise DataError(_builtin_name_taken(dataset, input_path))
     missing = [name for name in ("train.bin", "val.bin", "meta.json") if not (folder / name).is_file()]
     if missing:
         if (folder / "meta.json").is_file() and input_path is None and dataset not in BUILTIN_DATASETS:
@@ -157,6 +168,12 @@ def ensure_prepared(
                             f"text it was prepared from (--input path.txt) or another --dataset")
         return prepare(dataset, data_dir, input_path=input_path, tokenizer=tokenizer)
     meta = load_meta(folder)
+    if input_path is None and dataset in BUILTIN_DATASETS and meta["source"].get("name") != SHAKESPEARE_NAME:
+        raise DataError(
+            f"{folder} should hold Tiny Shakespeare but holds the tokens of {describe_source(meta['source'])}: "
+            f"delete {folder} (Tiny Shakespeare is prepared again), and train on that text under a dataset name of "
+            "its own (--input path.txt names it after the file)"
+        )
     prepared_with = meta["tokenizer"].get("name")
     if tokenizer is not None and tokenizer != prepared_with:
         raise DataError(
@@ -165,6 +182,12 @@ def ensure_prepared(
         )
     if input_path is not None:
         sha256 = hashlib.sha256(_read_input(Path(input_path))).hexdigest()
+        requested = {"name": Path(input_path).stem, "path": str(Path(input_path).resolve()), "sha256": sha256}
+        if not same_source(meta["source"], requested):
+            raise DataError(
+                f"{folder} holds the tokens of {describe_source(meta['source'])}, not of {input_path}: a dataset "
+                "is never replaced by another text; choose another --dataset for it"
+            )
         if sha256 != meta["source"].get("sha256"):
             raise DataError(
                 f"{input_path} changed since {folder} was prepared from it; prepare it again: "
@@ -281,9 +304,41 @@ def download(url: str, dest: str | Path, sha256: str, timeout: float = DOWNLOAD_
 # ----------------------------------------------------------------------------- helpers
 
 
+def same_source(held: dict, wanted: dict) -> bool:
+    """Whether two meta.json sources are the same text: both Tiny Shakespeare, or the same input
+    file (its path; a changed file is still the same source, and ensure_prepared says it
+    changed), or the same bytes from elsewhere."""
+    if "path" not in held and "path" not in wanted:  # built-in datasets
+        return held.get("name") == wanted.get("name")
+    if "path" not in held or "path" not in wanted:
+        return False  # Tiny Shakespeare on one side, a user's text on the other
+    return held.get("path") == wanted.get("path") or held.get("sha256") == wanted.get("sha256")
+
+
+def describe_source(source: dict) -> str:
+    return "Tiny Shakespeare" if "path" not in source else str(source.get("path"))
+
+
+def _source_in(folder: Path) -> dict | None:
+    """The source of the dataset already prepared in ``folder``, or None if there is none."""
+    try:
+        return load_meta(folder)["source"]
+    except DataError:
+        return None
+
+
+def _builtin_name_taken(dataset: str, input_path: str | Path) -> str:
+    return (f"{dataset!r} is the built-in Tiny Shakespeare dataset; your text {input_path} needs a dataset of its own: "
+            f"--dataset NAME, or leave --dataset out to name it after the file ({Path(input_path).stem!r})")
+
+
+def valid_dataset_name(dataset: str) -> bool:
+    """The name becomes a folder under data_dir: one plain path component."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", dataset or "")) and dataset != DOWNLOADS_DIR
+
+
 def _check_dataset_name(dataset: str) -> None:
-    # the name becomes a folder under data_dir: keep it one plain path component
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", dataset or "") or dataset == DOWNLOADS_DIR:
+    if not valid_dataset_name(dataset):
         raise DataError(
             f"bad dataset name {dataset!r}: use letters, digits, '_', '-' and '.' (not starting with '.' "
             f"or '-', and not {DOWNLOADS_DIR!r})"

@@ -3,7 +3,8 @@ the test hooks that inject faults.
 
     SIGTERM / SIGINT   every rank finishes its step, a checkpoint is written, exit EXIT_PREEMPTED
     out_dir/train.lock one run per output folder (O_EXCL; a dead holder on this host is stale)
-    --nan_policy       stop (checkpoint the last good state, exit EXIT_NONFINITE) or skip the step
+    --nan_policy       stop (checkpoint the last good state, exit EXIT_NONFINITE) or skip the step;
+                       never a checkpoint of non-finite weights; MAX_SKIPPED_IN_A_ROW skips stop the run
 
 Ranks must agree on when to stop, or one rank waits forever in a collective the others left:
 the trainer all-reduces one small flag tensor every step (see Trainer.train_step).
@@ -21,7 +22,9 @@ from pathlib import Path
 from train.config import ConfigError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again with --resume
-EXIT_NONFINITE = 3  # the loss or the gradient norm was NaN/inf and --nan_policy=stop
+EXIT_NONFINITE = 3  # the loss, the gradient norm or the weights were NaN/inf (and not skipped)
+# --nan_policy=skip gives up after this many non-finite steps in a row: skipping is not helping
+MAX_SKIPPED_IN_A_ROW = 10
 LOCK_FILE = "train.lock"
 
 
@@ -90,7 +93,13 @@ class RunLock:
         self.held = False
 
     def acquire(self, log=print) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        out_dir = self.path.parent
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ConfigError(f"out_dir {out_dir} exists and is not a folder; choose another --out_dir") from None
+        except OSError as err:
+            raise ConfigError(f"cannot create out_dir {out_dir}: {err.strerror or err}") from None
         owner = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         for attempt in range(2):
             try:
@@ -108,6 +117,8 @@ class RunLock:
                 log(f"removing a stale lock {self.path}: pid {holder['pid']} on {holder['host']} is no longer running")
                 self.path.unlink(missing_ok=True)
                 continue
+            except OSError as err:  # a read-only filesystem, no permission
+                raise ConfigError(f"cannot write into out_dir {out_dir}: {err.strerror or err}") from None
             with os.fdopen(fd, "w") as f:  # one small write right after the create
                 f.write(json.dumps(owner) + "\n")
             self.held = True
@@ -134,7 +145,11 @@ class FaultInjection:
 
     GPT_FAULT_KILL_AT_STEP=k  the rank SIGKILLs itself as it starts step k (first launch only,
                               so that a torchrun restart gets past it)
-    GPT_FAULT_NAN_AT_STEP=k   the loss of step k is multiplied by NaN
+    GPT_FAULT_NAN_AT_STEP=k   the loss of step k is multiplied by NaN; ``k+``: of every step from k on
+    GPT_FAULT_NAN_WEIGHTS_AT_STEP=k
+                              after the update of step k, a weight becomes NaN (the update of a
+                              step whose loss and gradients were finite, as a too-high learning
+                              rate makes it)
     GPT_FAULT_RANK=r          the rank the faults hit (default: every rank)
     """
 
@@ -143,7 +158,9 @@ class FaultInjection:
         hit = env.get("GPT_FAULT_RANK", "") in ("", str(rank))
         first_launch = env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         self.kill_at = int(env.get("GPT_FAULT_KILL_AT_STEP", "0")) if hit and first_launch else 0
-        self.nan_at = int(env.get("GPT_FAULT_NAN_AT_STEP", "0")) if hit else 0
+        nan = env.get("GPT_FAULT_NAN_AT_STEP", "0") if hit else "0"
+        self.nan_at, self.nan_onwards = int(nan.removesuffix("+")), nan.endswith("+")
+        self.nan_weights_at = int(env.get("GPT_FAULT_NAN_WEIGHTS_AT_STEP", "0")) if hit else 0
 
     def before_step(self, step: int) -> None:
         """``step``: the 1-based number of the step about to run, as the logs count."""
@@ -151,4 +168,7 @@ class FaultInjection:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def poison(self, step: int) -> bool:
-        return step == self.nan_at
+        return step == self.nan_at or (self.nan_onwards and 0 < self.nan_at <= step)
+
+    def poison_weights(self, step: int) -> bool:
+        return step == self.nan_weights_at

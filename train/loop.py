@@ -25,7 +25,7 @@ import kernels
 from gpt.config import GPTConfig
 from gpt.generate import generate
 from gpt.model import build_model
-from gpt.tokenizer import TokenizerUnavailableError, tokenizer_from_meta
+from gpt.tokenizer import TokenizerUnavailableError, start_tokens, tokenizer_from_meta
 from train import checkpoint
 from train.config import ConfigError, TrainConfig
 from train.data import DataError, check_token_ids, ensure_prepared, load_meta, load_tokens
@@ -33,12 +33,14 @@ from train.device import peak_flops
 from train.faults import (
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
+    MAX_SKIPPED_IN_A_ROW,
     FaultInjection,
     NonFiniteError,
     RunLock,
     StopSignals,
     TrainingStopped,
 )
+from train.resume import check_same_run, resume_config, resume_mode
 from train.sampler import BatchSampler
 from train.strategy import Strategy, make_strategy
 
@@ -62,8 +64,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, log=print, strategy: Strategy | None = None):
-        self.strategy = strategy = strategy or make_strategy(cfg)
+    def __init__(self, cfg: TrainConfig, log=tqdm.write, strategy: Strategy | None = None):
+        if strategy is None:  # train() does both before it builds the strategy
+            cfg = resume_config(cfg, log)
+            strategy = make_strategy(cfg)
+        self.strategy = strategy
         self.cfg, self.log = cfg, log if strategy.is_main else (lambda *_: None)
         self.device, self.dtype = strategy.device, strategy.dtype
         self.out_dir = Path(cfg.out_dir)
@@ -93,6 +98,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         data = self._prepare_data()
+        if cfg.input:
+            self.log(f"--input {cfg.input}: dataset {cfg.dataset!r} in {data}")
         self.meta = load_meta(data)
         self.tokenizer = tokenizer_from_meta(self.meta["tokenizer"])
         train_tokens, val_tokens = load_tokens(data, "train"), load_tokens(data, "val")
@@ -122,13 +129,20 @@ class Trainer:
         if strategy.world_size > 1:  # the same initial weights everywhere, but each rank its own dropout
             torch.manual_seed(cfg.seed + strategy.rank)
         self.step, self.best_val, self.skipped_steps, self.saved_step = 0, float("inf"), 0, -1
+        self.skipped_in_a_row = 0
         self.signals = StopSignals(self.log)  # installed while run() runs
         self.stop_signal: str | None = None  # set (on every rank alike) when a rank got SIGTERM/SIGINT
-        directory = self._checkpoint_to_resume()
+        directory, unusable = self._checkpoint_to_resume(), []
+        while directory is not None:
+            try:
+                self._resume(directory)
+                break
+            except checkpoint.CheckpointError as err:  # it passed its manifest, but cannot be loaded
+                unusable.append(f"checkpoint {directory} is unusable ({err})")
+                self.log(f"{unusable[-1]}; trying the previous one")
+                directory = self._checkpoint_to_resume(before=directory, problems=unusable)
         self.resumed = directory is not None
-        if self.resumed:
-            self._resume(directory)
-        elif checkpoint.list_checkpoints(self.out_dir) and not cfg.overwrite:
+        if not self.resumed and checkpoint.list_checkpoints(self.out_dir) and not cfg.overwrite:
             raise ConfigError(
                 f"{self.out_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
                 "--overwrite to start afresh and replace them, or choose another --out_dir"
@@ -202,31 +216,31 @@ class Trainer:
         self.cfg = self.strategy.cfg = dataclasses.replace(cfg, **shape)
         return model
 
-    def _checkpoint_to_resume(self) -> Path | None:
+    def _checkpoint_to_resume(self, before: Path | None = None, problems: list[str] = ()) -> Path | None:
         """The checkpoint this run continues from, or None for a fresh start. --resume=true
         needs one; --resume=auto takes one if there is one, as does a torchelastic restart, so
-        that the first launch and every restart are the same command."""
-        mode = "true" if self.cfg.init_from == "resume" else self.cfg.resume
+        that the first launch and every restart are the same command. ``before``: only older
+        checkpoints than it (it could not be loaded, for the reasons in ``problems``)."""
+        mode = resume_mode(self.cfg)
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if restart > 0 and mode == "false":
-            mode = "auto"
+        if restart > 0 and self.cfg.resume == "false" and self.cfg.init_from != "resume" and before is None:
             self.log(f"torchelastic restart {restart}: continuing from the newest good checkpoint, if any")
         if mode == "false":
             return None
         # rank 0 verifies the checkpoints (hashing every file once) and tells the others which to load
-        problems: list[str] = []
+        problems = list(problems)
 
         def report(problem: str) -> None:
             problems.append(problem)
             self.log(problem)
 
-        directory = checkpoint.latest_valid(self.out_dir, warn=report) if self.strategy.is_main else None
+        directory = checkpoint.latest_valid(self.out_dir, warn=report, before=before) if self.strategy.is_main else None
         directory, problems = self.strategy.broadcast_object((directory, problems))
         if directory is None and (mode == "true" or problems):
             found = f": {'; '.join(problems)}" if problems else ""
             raise ConfigError(f"--resume: no usable checkpoint in {self.out_dir / 'checkpoints'}{found}")
         if directory is not None and problems:
-            self.log(f"falling back to {directory}, the newest checkpoint that verifies")
+            self.log(f"falling back to {directory}, the newest usable checkpoint")
         return directory
 
     def _resume(self, directory: Path) -> None:
@@ -236,6 +250,7 @@ class Trainer:
                 f"checkpoint {directory} holds a model of shape {saved.to_dict()}, "
                 f"but this run asks for {self.model.config.to_dict()}"
             )
+        check_same_run(self.cfg, directory, json.loads((directory / "trainer.json").read_text())["config"])
         trainer_state = self.strategy.load(directory)
         self.step = trainer_state["step"]
         self.best_val = trainer_state.get("best_val", float("inf"))
@@ -285,26 +300,59 @@ class Trainer:
                    f"grad norm {grad_norm.item():.4g} on rank {strategy.rank})"
             if self.cfg.nan_policy == "stop" or not strategy.can_skip_steps:
                 raise NonFiniteError(what)
+            self.skipped_in_a_row += 1
+            if not self.weights_finite():
+                raise NonFiniteError(f"{what}; the weights themselves are non-finite (an earlier update made them "
+                                     "so), so skipping steps cannot help")
+            if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise NonFiniteError(f"{what}; that is {self.skipped_in_a_row} non-finite steps in a row, so "
+                                     "skipping is not helping")
             self.skipped_steps += 1
             self.log(f"{what}: step skipped, weights unchanged ({self.skipped_steps} skipped so far)")
             self._record(dict(step=number, skipped="non-finite loss or gradient norm",
                               skipped_steps=self.skipped_steps))
         else:
             strategy.step()
+            self.skipped_in_a_row = 0
+            if self.faults.poison_weights(number):
+                with torch.no_grad():
+                    next(self.model.parameters()).mul_(float("nan"))
         self.step += 1
         return total
 
+    def weights_finite(self) -> bool:
+        """Whether every weight is finite, on every rank (all ranks get the same answer)."""
+        bad = torch.zeros((), device=self.device)
+        for p in self.model.parameters():
+            bad += (~torch.isfinite(p.detach())).any()
+        return self.strategy.all_reduce_sum(bad).item() == 0
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM/SIGINT (one small all-reduce, so all ranks agree); sets
+        ``stop_signal``."""
+        name = self.signals.received
+        flags = torch.tensor([name == "SIGTERM", name == "SIGINT"], device=self.device, dtype=torch.float32)
+        sigterm, sigint = (self.strategy.all_reduce_sum(flags) > 0).tolist()
+        if sigterm or sigint:
+            self.stop_signal = "SIGTERM" if sigterm else "SIGINT"
+        return bool(sigterm or sigint)
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float] | None:
         """Mean loss over eval_iters fixed batches, shared out over the ranks: batch i goes to
         rank i % world_size. Every rank runs the same number of forwards (ZeRO-3 gathers
-        weights collectively), padding with a repeated batch that is not counted."""
+        weights collectively), padding with a repeated batch that is not counted. None when a
+        stop signal came meanwhile: it is checked between batches, so a long evaluation does
+        not hold up a preemption."""
         strategy, n = self.strategy, self.cfg.eval_iters
         self.model.eval()
         losses = {}
         for split, sampler in self.eval_samplers.items():
             total = torch.zeros((), device=self.device, dtype=torch.float64)
             for first in range(0, n, strategy.world_size):
+                if self._stop_requested():
+                    self.model.train()
+                    return None
                 i = first + strategy.rank
                 x, y = self._batch(sampler, i % n, 0)
                 with strategy.autocast():
@@ -316,7 +364,11 @@ class Trainer:
         return losses
 
     def save(self) -> Path | None:
-        """Checkpoint (on every rank: DeepSpeed writes shards); its path on rank 0, else None."""
+        """Checkpoint (on every rank: DeepSpeed writes shards); its path on rank 0, else None.
+        Non-finite weights are never checkpointed: they raise NonFiniteError instead."""
+        if not self.weights_finite():
+            raise NonFiniteError(f"the weights are non-finite at step {self.step} (an update made them so, though "
+                                 "its loss and gradient norm were finite: is the learning rate too high?)")
         self.saved_step = self.step
         state = dict(best_val=self.best_val, skipped_steps=self.skipped_steps)
         return self.strategy.save(self.out_dir, self.step, self.meta["tokenizer"], state)
@@ -331,15 +383,22 @@ class Trainer:
                                "resume with --resume", EXIT_PREEMPTED, announce=self.strategy.is_main)
 
     def _stop_on_nonfinite(self, err: NonFiniteError) -> TrainingStopped:
-        if self.strategy.can_skip_steps:  # the bad step was not applied: this state is the last good one
+        found = checkpoint.list_checkpoints(self.out_dir)
+        newest = str(found[-1]) if found else "none (no checkpoint yet)"
+        if self.strategy.can_skip_steps and self.weights_finite():
+            # the bad step was not applied, and the weights are finite: the last good state
             path = self.save() if self.saved_step != self.step else self._latest_checkpoint()
-            where = f"the last good state (step {self.step}) is checkpointed in {path}"
+            where = f"the last good state (step {self.step}, finite weights) is checkpointed in {path}"
+            advice = ("resume with --resume and a lower --learning_rate" + (
+                ", or with --nan_policy=skip" if self.cfg.nan_policy == "stop" else "") +
+                "; if it fails again at once, the weights had diverged already: start over with a lower "
+                "learning rate")  # fmt: skip
+        elif self.strategy.can_skip_steps:
+            where = f"non-finite weights are never checkpointed: the newest checkpoint is {newest}"
+            advice = "resume from it with --resume and a lower --learning_rate, or start over with one"
         else:
-            found = checkpoint.list_checkpoints(self.out_dir)
-            where = ("DeepSpeed had applied the update already, so nothing was saved; the last good checkpoint is "
-                     + (str(found[-1]) if found else "none (no checkpoint yet)"))
-        advice = "lower the learning rate and resume with --resume" + (
-            ", or pass --nan_policy=skip" if self.strategy.can_skip_steps else "")
+            where = f"DeepSpeed had applied the update already, so nothing was saved; the newest checkpoint is {newest}"
+            advice = "resume from it with --resume and a lower --learning_rate"
         return TrainingStopped(f"stopped: {err}; {where}. To go on, {advice}", EXIT_NONFINITE,
                                announce=self.strategy.is_main)
 
@@ -351,6 +410,8 @@ class Trainer:
 
     def _eval_and_save(self) -> None:
         losses = self.evaluate()
+        if losses is None:  # stopped by a signal: the caller checkpoints and leaves
+            return
         self.best_val = min(self.best_val, losses["val"])
         self._record(dict(step=self.step, train_loss=losses["train"], val_loss=losses["val"]))
         self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -378,9 +439,9 @@ class Trainer:
             for old in checkpoint.list_checkpoints(self.out_dir):
                 shutil.rmtree(old)
         elif metrics.is_file():
-            rows = [line for line in metrics.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line).get("step", 0) <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            # rows up to the checkpoint's step; a line cut short by a crash or a full disk is dropped
+            kept = [row for row in read_metrics(metrics) if row.get("step", 0) <= self.step]
+            metrics.write_text("".join(json.dumps(row) + "\n" for row in kept))
         for pattern in (".tmp-*", ".old-*"):
             for leftover in (self.out_dir / "checkpoints").glob(pattern):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -401,13 +462,18 @@ class Trainer:
             f"{strategy.world_size} rank(s) x {cfg.block_size} tokens = {self.tokens_per_step:,} tokens per step"
         )
         with ExitStack() as stack:
-            stack.enter_context(kernels.use_backend(attention=cfg.attn_backend, layer_norm=cfg.ln_backend))
+            # a backend named in the config wins; "auto" leaves the choice to GPT_KERNELS, then to auto
+            named = {op: name for op, name in (("attention", cfg.attn_backend), ("layer_norm", cfg.ln_backend))
+                     if name != "auto"}  # fmt: skip
+            stack.enter_context(kernels.use_backend(**named))
             bar = stack.enter_context(
                 tqdm(total=cfg.max_iters, initial=self.step, disable=not (cfg.progress and strategy.is_main),
                      unit="step", dynamic_ncols=True)
             )
             if self.step == 0 and cfg.max_iters > 0:
                 self._eval_and_save()
+                if self.stop_signal:
+                    raise self._stop_on_signal()
             t_last, step_last, start = time.perf_counter(), self.step, time.perf_counter()
             while self.step < cfg.max_iters:
                 loss = self.train_step()  # NonFiniteError under --nan_policy=stop: see run()
@@ -446,7 +512,7 @@ class Trainer:
         """Sample from the trained model, print the samples and save them to samples.txt. Every
         rank samples the same (ZeRO-3 needs all ranks for a forward); rank 0 writes."""
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
-        start = self.tokenizer.encode("\n") if self.tokenizer.name == "char" else [self.tokenizer.eot_token]
+        start = start_tokens(self.tokenizer)
         idx = torch.tensor([start] * self.cfg.num_samples, device=self.device)
         with self.strategy.autocast():
             out = generate(self.model, idx, self.cfg.sample_tokens, temperature=0.8, top_k=200, generator=generator)
@@ -458,6 +524,19 @@ class Trainer:
         return samples
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line cut short (a crash, a full disk) is skipped."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
     """Training loss (log lines) and train/val loss (eval lines) against the step."""
     import matplotlib
@@ -465,7 +544,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))
     logs = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
@@ -495,7 +574,8 @@ def describe_tokenizer(meta: dict) -> str:
     return f"{meta.get('name')} ({meta.get('vocab_size')} tokens)"
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
+def train(cfg: TrainConfig, log=tqdm.write) -> dict:
+    cfg = resume_config(cfg, log if int(os.environ.get("RANK", "0")) == 0 else lambda *_: None)
     strategy = make_strategy(cfg)
     try:
         return Trainer(cfg, log=log, strategy=strategy).run()

@@ -1,0 +1,426 @@
+"""Bad input and ordinary faults: a clear line and exit 2 (or the right behaviour), never a
+traceback, never wrong training, and no data changed.
+
+- The table: each row is a command line for ``python -m train``, run in-process (its
+  ``main``), the one line stderr must say, and a check that nothing under the data folder or
+  the earlier runs changed.
+- Then the cases that need more than a command line: datasets that must never be replaced,
+  resuming with the saved config, non-finite weights that must never be checkpointed, a full
+  disk, an unsafe state.pt, a torn metrics.jsonl, a corpus without a newline, GPT_KERNELS, a
+  stop signal during a long evaluation, ``--help``, and the sampling and export commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from gpt.sample import main as sample_main
+from tests.test_faults import config, end_session, flags, read_until, start
+from train import checkpoint
+from train.__main__ import main as train_main
+from train.config import TrainConfig
+from train.data import DataError, ensure_prepared, prepare
+from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, LOCK_FILE, MAX_SKIPPED_IN_A_ROW
+from train.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quiet(*_: object) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(data_dir, tmp_path_factory) -> dict[str, Path]:
+    """Folders for the table below: damaged data sets, a finished run, a model of another tokenizer."""
+    root = tmp_path_factory.mktemp("bad")
+    good = data_dir / "shakespeare_char"
+    for name in ("badvocab", "nobin"):
+        shutil.copytree(good, data_dir / name)
+    meta = json.loads((good / "meta.json").read_text())
+    (data_dir / "badvocab" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 10}))
+    (data_dir / "nobin" / "train.bin").unlink()
+    tiny = root / "tiny.txt"
+    tiny.write_text("To be, or not to be, that is the question. " * 6)  # val split: 26 characters
+    prepare("tiny", data_dir, input_path=tiny)
+    (root / "other.txt").write_text("Some other text, never prepared before. " * 40)
+    (root / "my corpus.txt").write_text("a file name that is no dataset name " * 40)
+    # a built-in dataset's folder that holds a user's text (as an older version could leave it)
+    prepare("mine", root / "hijacked", input_path=tiny)
+    (root / "hijacked" / "mine").rename(root / "hijacked" / "shakespeare_char")
+    train(config(data_dir, root / "finished", max_iters=2, eval_interval=2), log=quiet)
+    from gpt.io import save_model
+    from gpt.model import build_model
+
+    other = build_model(TrainConfig(n_layer=1, n_head=1, n_embd=8).model_config(27))
+    save_model(other, root / "lowercase_model", {"name": "char", "vocab_size": 27,
+                                                  "chars": " abcdefghijklmnopqrstuvwxyz"})
+    (root / "empty").mkdir()
+    (root / "locked").mkdir()
+    (root / "locked" / LOCK_FILE).write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))
+    (root / "a_file").write_text("not a folder")
+    return dict(root=root, data=data_dir)
+
+
+def _sys_is_writable() -> bool:
+    if not Path("/sys").is_dir():
+        return True  # no sysfs: nothing to test with (and nothing to create there)
+    try:
+        Path("/sys/gpt_probe").mkdir()
+    except OSError:
+        return False
+    Path("/sys/gpt_probe").rmdir()
+    return True
+
+
+BAD_INPUT = [  # (name, flags, what stderr must say); {root} and {data} are filled in
+    ("unknown key", ["--n_layers=2"], "unknown config key 'n_layers' in the command line; did you mean 'n_layer'?"),
+    ("mistyped value", ["--batch_size=big"], "--batch_size expects int, got 'big'"),
+    ("zero size", ["--n_embd=0"], "n_embd must be >= 1"),
+    ("negative size", ["--max_iters=-5"], "max_iters must be >= 0"),
+    ("heads do not divide", ["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
+    ("block larger than data", ["--dataset=tiny", "--block_size=64"], "too few for block_size 64"),
+    ("batch larger than data", ["--dataset=tiny", "--block_size=8", "--batch_size=200"], "distinct windows"),
+    ("ids beyond vocab", ["--dataset=badvocab"], "holds token id 64, but meta.json says the vocabulary has 10"),
+    ("other model shape", ["--out_dir={root}/finished", "--resume", "--n_embd=64"],
+     "this command changes n_embd 32 -> 64 (the model's shape)"),
+    ("other tokenizer", ["--tokenizer=gpt2"], "was prepared with the char tokenizer, not gpt2"),
+    ("missing data file", ["--dataset=nobin"], "nobin/train.bin is missing"),
+    ("missing input file", ["--dataset=mine", "--input={root}/none.txt"], "input file not found"),
+    ("unreadable deepspeed config", ["--strategy=deepspeed", "--deepspeed_config={root}/none.json"],
+     "--deepspeed_config {root}/none.json: cannot read it"),
+    ("unsupported dtype", ["--dtype=fp8"], "dtype must be one of auto, bf16, fp16, fp32; got 'fp8'"),
+    ("unknown backend", ["--attn_backend=fast"], "attn_backend must be one of auto, torch, sdpa, flash_attn, triton"),
+    ("no cuda here", ["--device=cuda"], "this machine has no CUDA device"),
+    ("kernel backend unavailable", ["--attn_backend=flash_attn"], "attention backend 'flash_attn' cannot run on cpu"),
+    ("nothing to resume", ["--out_dir={root}/empty", "--resume"], "no usable checkpoint"),
+    ("bad resume mode", ["--resume=sometimes"], "resume must be one of false, true, auto; got 'sometimes'"),
+    ("bad nan policy", ["--nan_policy=ignore"], "nan_policy must be one of stop, skip; got 'ignore'"),
+    ("out_dir in use", ["--out_dir={root}/locked"], f"in use by another training run (pid {os.getpid()}"),
+    ("init_from missing", ["--init_from={root}/nowhere"], "is neither a file or folder"),
+    ("init_from other tokenizer", ["--init_from={root}/lowercase_model"],
+     "the weights were trained with the char (27 tokens) tokenizer but the dataset 'shakespeare_char'"),
+    # a dataset is never replaced by another text, and --input names its own
+    ("another text under a prepared name", ["--dataset=tiny", "--input={root}/other.txt"],
+     "holds the tokens of {root}/tiny.txt, not of {root}/other.txt"),
+    ("a built-in name holding a user's text", ["--data_dir={root}/hijacked"],
+     "should hold Tiny Shakespeare but holds the tokens of {root}/tiny.txt"),
+    ("an input whose name is no dataset name", ["--input={root}/my corpus.txt"],
+     "its file name 'my corpus' cannot name a dataset folder; name it with --dataset=NAME"),
+    # a resumed run keeps its data order and model
+    ("resume with another batch size", ["--out_dir={root}/finished", "--resume", "--batch_size=8"],
+     "changes batch_size 4 -> 8 (the batches and their order)"),
+    ("resume with another seed", ["--out_dir={root}/finished", "--resume", "--seed=7"],
+     "changes seed 1337 -> 7 (the order of the batches)"),
+    ("resume with another dataset", ["--out_dir={root}/finished", "--resume", "--dataset=tiny"],
+     "changes dataset 'shakespeare_char' -> 'tiny' (the training data)"),
+    # numbers that compare as nothing, or mean nothing
+    ("NaN learning rate", ["--learning_rate=nan"], "learning_rate must be a finite number, got nan"),
+    ("infinite learning rate", ["--learning_rate=inf"], "learning_rate must be a finite number, got inf"),
+    ("NaN min_lr", ["--min_lr=nan"], "min_lr must be a finite number, got nan"),
+    ("NaN weight decay", ["--weight_decay=nan"], "weight_decay must be a finite number, got nan"),
+    ("NaN grad clip", ["--grad_clip=nan"], "grad_clip must be a finite number, got nan"),
+    ("NaN dropout", ["--dropout=nan"], "dropout must be a finite number, got nan"),
+    ("negative seed", ["--seed=-1"], "seed must be from 0 to 4294967295, got -1"),
+    ("seed too large", ["--seed=4294967296"], "seed must be from 0 to 4294967295, got 4294967296"),
+    # out_dir that cannot be written
+    ("out_dir is a file", ["--out_dir={root}/a_file"], "out_dir {root}/a_file exists and is not a folder"),
+    ("out_dir under a file", ["--out_dir={root}/a_file/run"], "cannot create out_dir {root}/a_file/run"),
+    ("out_dir not permitted", ["--out_dir=/sys/gpt_out"], "cannot create out_dir /sys/gpt_out"),
+    ("out_dir read-only", ["--out_dir=/sys"], "cannot write into out_dir /sys"),
+]
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under ``roots`` but the table's own out folders."""
+    files = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and "out" not in path.relative_to(root).parts[:1]:
+                stat = path.stat()
+                files[str(path)] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+@pytest.mark.parametrize("name", [row[0] for row in BAD_INPUT])
+def test_bad_input_is_one_clear_line_and_changes_nothing(bad_inputs, name, capsys):
+    if name == "no cuda here" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _, args, message = next(row for row in BAD_INPUT if row[0] == name)
+    if any("/sys" in a for a in args) and _sys_is_writable():
+        pytest.skip("/sys is writable here: no unwritable folder to test with")
+    fill = dict(root=bad_inputs["root"], data=bad_inputs["data"])
+    args = [a.format(**fill) for a in args]
+    defaults = flags(bad_inputs["data"], bad_inputs["root"] / "out" / name.replace(" ", "_"), max_iters=2)
+    keys = {a.split("=")[0] for a in args}
+    before = snapshot(bad_inputs["data"], bad_inputs["root"])
+    capsys.readouterr()
+    code = train_main([*[f for f in defaults if f.split("=")[0] not in keys], *args])
+    _, err = capsys.readouterr()
+    assert code == 2, err[-2000:]
+    assert err.startswith("error: ") and err.count("\n") == 1, err[-2000:]
+    assert message.format(**fill) in err
+    assert snapshot(bad_inputs["data"], bad_inputs["root"]) == before, "the failed run changed data or a run"
+
+
+def test_the_command_line_itself_says_one_line(bad_inputs):
+    """One row through a real ``python -m train`` process: exit 2, one line, no traceback."""
+    out = bad_inputs["root"] / "out" / "subprocess"
+    done = subprocess.run([sys.executable, "-m", "train", *flags(bad_inputs["data"], out), "--learning_rate=nan"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and done.stderr == "error: learning_rate must be a finite number, got nan\n"
+
+
+# --- datasets ---------------------------------------------------------------------------------
+
+
+def test_input_names_its_own_dataset(data_dir, tmp_path):
+    """--input without --dataset (the README's example, with a preset's dataset too) trains on a
+    dataset named after the file, and Tiny Shakespeare's folder stays as it was."""
+    corpus = tmp_path / "my_corpus.txt"
+    corpus.write_text("All the world's a stage, and all the men and women merely players. " * 30)
+    shakespeare_meta = (data_dir / "shakespeare_char" / "meta.json").read_bytes()
+    cfg = config(data_dir, tmp_path / "run", input=str(corpus), dataset="shakespeare_char", max_iters=1,
+                 eval_interval=1)
+    assert cfg.dataset == "my_corpus"
+    logs: list[str] = []
+    train(cfg, log=logs.append)
+    assert any(f"--input {corpus}: dataset 'my_corpus'" in m for m in logs)
+    assert json.loads((data_dir / "my_corpus" / "meta.json").read_text())["source"]["path"] == str(corpus)
+    assert (data_dir / "shakespeare_char" / "meta.json").read_bytes() == shakespeare_meta
+
+
+def test_a_dataset_is_never_replaced_by_another_text(tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("the first text, " * 50)
+    second.write_text("and another one. " * 50)
+    folder = prepare("corpus", tmp_path / "data", input_path=first)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(DataError, match=f"holds the tokens of {first}; a dataset is never replaced"):
+        prepare("corpus", tmp_path / "data", input_path=second)
+    with pytest.raises(DataError, match=f"holds the tokens of {first}, not of {second}"):
+        ensure_prepared("corpus", tmp_path / "data", input_path=second)
+    with pytest.raises(DataError, match="'shakespeare_char' is the built-in Tiny Shakespeare dataset"):
+        prepare("shakespeare_char", tmp_path / "data", input_path=second)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+    first.write_text("the first text, changed. " * 50)  # the same file, edited: prepared again on request
+    prepare("corpus", tmp_path / "data", input_path=first)
+    from train.data import main as data_main
+
+    assert data_main(["prepare", "--dataset", "shakespeare", "--input", str(second),
+                      "--data_dir", str(tmp_path / "data")]) == 1  # fmt: skip
+    assert not (tmp_path / "data" / "shakespeare").exists()
+
+
+# --- resume continues the saved run ----------------------------------------------------------
+
+
+def test_resume_takes_the_saved_config_and_says_what_changes(data_dir, tmp_path, capsys):
+    """Resuming without the original flags continues the saved run as it was; a key that may
+    change is applied and printed, one line per key."""
+    run = tmp_path / "run"
+    first = flags(data_dir, run, max_iters=2, eval_interval=2, learning_rate=0.004, min_lr=0.0004)
+    assert train_main(first) == 0
+    capsys.readouterr()
+    # only the essentials: no learning rate, batch or model flags, and two changes
+    assert train_main([f"--data_dir={data_dir}", f"--out_dir={run}", "--resume", "--max_iters=4",
+                       "--learning_rate=0.002", "--progress=false", "--num_samples=0"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "resume: max_iters 2 -> 4" in out and "resume: learning_rate 0.004 -> 0.002" in out
+    assert "min_lr" not in out and "batch_size" not in out  # taken from the run, unchanged
+    saved = json.loads((checkpoint.list_checkpoints(run)[-1] / "trainer.json").read_text())["config"]
+    assert (saved["batch_size"], saved["n_embd"], saved["min_lr"], saved["learning_rate"]) == (4, 32, 0.0004, 0.002)
+
+
+# --- non-finite weights are never checkpointed -------------------------------------------------
+
+
+def _weights_finite(directory: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in checkpoint.load_checkpoint(directory).model.state_dict().values())
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_weights_are_never_checkpointed(data_dir, tmp_path, monkeypatch, capsys, policy):
+    """The update of step 3 makes a weight NaN though its loss was finite (a learning rate far too
+    high does that): the run stops at the next step's NaN loss, with exit 3, and the newest
+    checkpoint is still the good one of step 2."""
+    monkeypatch.setenv("GPT_FAULT_NAN_WEIGHTS_AT_STEP", "3")
+    code = train_main(flags(data_dir, tmp_path, max_iters=10, eval_interval=2, nan_policy=policy))
+    err = capsys.readouterr().err
+    assert code == EXIT_NONFINITE and err.count("\n") == 1, err
+    assert "non-finite weights are never checkpointed" in err or "the weights are non-finite" in err
+    if policy == "skip":
+        assert "the weights themselves are non-finite" in err
+    ckpts = checkpoint.list_checkpoints(tmp_path)
+    assert ckpts[-1].name == "step_0000002" and all(_weights_finite(c) for c in ckpts)
+
+
+def test_skipping_stops_after_too_many_non_finite_steps_in_a_row(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GPT_FAULT_NAN_AT_STEP", "3+")  # every step from 3 on
+    code = train_main(flags(data_dir, tmp_path, max_iters=50, eval_interval=50, nan_policy="skip"))
+    err = capsys.readouterr().err
+    assert code == EXIT_NONFINITE, err
+    assert f"that is {MAX_SKIPPED_IN_A_ROW} non-finite steps in a row, so skipping is not helping" in err
+    last = checkpoint.list_checkpoints(tmp_path)[-1]  # the weights are fine: the last good state is kept
+    steps_done = 2 + MAX_SKIPPED_IN_A_ROW - 1  # two good steps, then the skipped ones before the last
+    assert _weights_finite(last) and json.loads((last / "trainer.json").read_text())["step"] == steps_done
+
+
+# --- faults while writing and reading ------------------------------------------------------------
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_earlier_checkpoint(data_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import safetensors.torch
+
+    assert train_main(flags(data_dir, tmp_path, max_iters=2, eval_interval=2)) == 0
+    (good,) = checkpoint.list_checkpoints(tmp_path)
+    real = safetensors.torch.save_model
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    capsys.readouterr()
+    code = train_main([*flags(data_dir, tmp_path, max_iters=4, eval_interval=2), "--resume"])
+    err = capsys.readouterr().err
+    monkeypatch.setattr(safetensors.torch, "save_model", real)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "could not write the checkpoint of step 4" in err and "No space left on device" in err
+    assert checkpoint.list_checkpoints(tmp_path) == [good] and checkpoint.verify(good) is None
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the half-written one is gone
+
+
+def test_an_unsafe_state_file_is_a_damaged_checkpoint(data_dir, tmp_path, capsys):
+    """A state.pt that weights-only loading refuses (a pickle that would run code) whose manifest
+    was rewritten to match: resume falls back to the checkpoint before it, and with none
+    left stops with one line that does not advise weights_only=False."""
+    assert train_main(flags(data_dir, tmp_path, max_iters=4, eval_interval=2, keep_last=3)) == 0
+    step2, step4 = checkpoint.list_checkpoints(tmp_path)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /dev/null",))
+
+    import pickle
+
+    for ckpt in (step4,):
+        (ckpt / "state.pt").write_bytes(pickle.dumps(Payload()))
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        manifest["files"]["state.pt"] = checkpoint._sha256(ckpt / "state.pt")
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert train_main([*flags(data_dir, tmp_path, max_iters=5, eval_interval=2), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "step_0000004 is unusable" in out and "cannot be read safely" in out and "at step 2" in out
+    assert "weights_only=False" not in out
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(data_dir, tmp_path, capsys):
+    assert train_main(flags(data_dir, tmp_path, max_iters=2, eval_interval=2)) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 2.')  # a crash or a full disk in the middle of a line
+    assert train_main([*flags(data_dir, tmp_path, max_iters=3, eval_interval=3), "--resume"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_a_corpus_without_a_newline_trains_and_samples(tmp_path, capsys):
+    corpus = tmp_path / "oneline.txt"
+    corpus.write_text("abcde fghij klmno pqrst uvwxy z " * 40)  # no newline anywhere
+    args = flags(tmp_path / "data", tmp_path / "run", input=str(corpus), max_iters=2, eval_interval=2,
+                 num_samples=1, sample_tokens=10, block_size=16)
+    assert train_main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "samples.txt").read_text().startswith(" ")  # the vocabulary's first character
+    assert sample_main(["--out_dir", str(tmp_path / "run"), "--num_samples=1", "--max_new_tokens=5"]) == 0
+
+
+# --- the kernel backends, and a stop during evaluation --------------------------------------------
+
+
+def test_training_and_sampling_follow_gpt_kernels_alike(data_dir, tmp_path, monkeypatch):
+    """One rule: a backend the config names wins; "auto" leaves the choice to GPT_KERNELS."""
+    from kernels import reference
+
+    calls = []
+    real = reference.attention
+    monkeypatch.setattr(reference, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("GPT_KERNELS", "attention=torch")
+    kernels.dispatch.reload_env()
+    try:
+        train(config(data_dir, tmp_path / "auto", max_iters=1, eval_interval=1), log=quiet)
+        assert calls, "training with attn_backend=auto ignored GPT_KERNELS=attention=torch"
+        calls.clear()
+        train(config(data_dir, tmp_path / "named", max_iters=1, eval_interval=1, attn_backend="sdpa"), log=quiet)
+        assert not calls, "a backend named in the config must win over GPT_KERNELS"
+    finally:
+        monkeypatch.delenv("GPT_KERNELS")
+        kernels.dispatch.reload_env()
+
+
+def test_a_stop_signal_during_a_long_evaluation_is_acted_on_between_batches(data_dir, tmp_path):
+    proc = start([sys.executable, "-m", "train", *flags(data_dir, tmp_path, max_iters=100, eval_iters=100_000,
+                                                            eval_interval=100)])  # fmt: skip
+    try:
+        read_until(proc, "global batch:")  # the first evaluation starts now: 200,000 batches
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        end_session(proc)
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert "received SIGTERM at step 0" in output
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_0000000"]
+
+
+# --- help, sampling, export --------------------------------------------------------------------------
+
+
+def test_help_describes_every_key_with_its_choices(capsys):
+    import dataclasses
+
+    assert train_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"--{f.name}="))
+        assert len(line.split(None, 2)) == 3 and f.metadata["help"] in line, line
+    assert "[stop|skip]" in text and "[false|true|auto]" in text and "[auto|single|ddp|deepspeed]" in text
+
+
+def test_sample_refuses_bad_arguments_and_damaged_checkpoints(bad_inputs, capsys):
+    run = bad_inputs["root"] / "finished"
+    for args, message in ((["--temperature=nan"], "--temperature must be a finite number >= 0, got nan"),
+                          (["--top_p=nan"], "--top_p must be in (0, 1], got nan"),
+                          (["--device=cuda"], "this machine has no CUDA device"),
+                          (["--device=tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+                          (["--prompt=Z~"], "does not know: '~'")):  # fmt: skip
+        if "cuda" in args[0] and torch.cuda.is_available():
+            continue
+        assert sample_main(["--out_dir", str(run), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    damaged = shutil.copytree(run, bad_inputs["root"] / "damaged_run")
+    (ckpt,) = checkpoint.list_checkpoints(damaged)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    assert sample_main(["--out_dir", str(damaged), "--max_new_tokens=3"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable checkpoint" in err and "model.safetensors does not match its sha256" in err

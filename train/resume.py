@@ -1,0 +1,104 @@
+"""What ``--resume`` continues: the saved run, with only the changes its rules allow.
+
+A resumed run takes its configuration from the checkpoint (trainer.json), not from the
+defaults: ``python -m train --out_dir=RUN --resume`` continues RUN as it was, with no need to
+repeat its preset or flags. What the command line (or a ``--config`` file) sets explicitly is
+compared with the saved value:
+
+- keys that decide the data, its order or the model (``FIXED_ON_RESUME``) must not change: a
+  resumed run that changed them would silently be another run. Start that one in another
+  out_dir (or with --overwrite).
+- every other key may change (a longer ``max_iters``, a lower ``learning_rate`` after a NaN,
+  another ``eval_interval`` or ``device``): the change is applied and printed, one line per key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from train import checkpoint
+from train.config import ConfigError, TrainConfig
+
+# key -> what changing it would change
+FIXED_ON_RESUME = {
+    "dataset": "the training data", "input": "the training data", "tokenizer": "the tokens",
+    "model": "the model", "n_layer": "the model's shape", "n_head": "the model's shape", "n_embd": "the model's shape",
+    "block_size": "the model's shape and the batches", "bias": "the model's parameters",
+    "batch_size": "the batches and their order", "gradient_accumulation_steps": "the batches and their order",
+    "seed": "the order of the batches",
+}  # fmt: skip
+NOT_REPORTED = {"resume", "overwrite", "out_dir", "init_from"}  # how to continue, not what
+
+
+def resume_mode(cfg: TrainConfig) -> str:
+    """"true", "auto" or "false": --init_from=resume means true; a torchelastic restart of a
+    fresh run resumes if it can (the first launch and every restart are the same command)."""
+    mode = "true" if cfg.init_from == "resume" else cfg.resume
+    if mode == "false" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return "auto"
+    return mode
+
+
+def explicit_keys(cfg: TrainConfig) -> frozenset[str]:
+    """The keys the user set (load_config records them); for a config built in Python, the
+    keys whose value differs from the default."""
+    recorded = getattr(cfg, "explicit", None)
+    if recorded is not None:
+        return recorded
+    defaults = TrainConfig()
+    return frozenset(f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name))
+
+
+def saved_config(out_dir: str | Path) -> tuple[dict, Path] | None:
+    """The config of the newest checkpoint whose trainer.json reads, and that checkpoint."""
+    for directory in reversed(checkpoint.list_checkpoints(out_dir)):
+        try:
+            return json.loads((directory / "trainer.json").read_text())["config"], directory
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # damaged: the newest good checkpoint is chosen (and reported) later
+    return None
+
+
+def resume_config(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainConfig:
+    """The config a run with ``cfg`` trains with: ``cfg`` for a fresh run; for a resumed one,
+    the saved config with the explicit changes ``cfg`` makes, each printed, or a ConfigError
+    if one of them is a key a resumed run must keep."""
+    if resume_mode(cfg) == "false":
+        return cfg
+    found = saved_config(cfg.out_dir)
+    if found is None:
+        return cfg  # nothing to continue: --resume=true says so once the checkpoints are checked
+    saved, directory = found
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    explicit = explicit_keys(cfg)
+    merged = {k: v for k, v in saved.items() if k in names}
+    merged.update({k: getattr(cfg, k) for k in explicit})
+    if saved.get("init_from") not in ("scratch", "resume", None) and "init_from" not in explicit:
+        merged["init_from"] = "resume"  # the checkpoint holds the weights: do not load them from their source
+    resumed = TrainConfig(**merged)
+    resumed.explicit = explicit
+    changes = [(k, saved[k], getattr(resumed, k)) for k in names
+               if k in saved and k not in NOT_REPORTED and saved[k] != getattr(resumed, k)]  # fmt: skip
+    refused = [f"{k} {old!r} -> {new!r} ({FIXED_ON_RESUME[k]})" for k, old, new in changes if k in FIXED_ON_RESUME]
+    if refused:
+        raise ConfigError(
+            f"--resume continues the run saved in {directory}, and a resumed run keeps its data and model, but this "
+            f"command changes {'; '.join(refused)}: drop those flags, or start a new run (another --out_dir, or "
+            "--overwrite)"
+        )
+    for key, old, new in changes:
+        log(f"resume: {key} {old!r} -> {new!r} (set on this command line; the saved run had {old!r})")
+    return resumed
+
+
+def check_same_run(cfg: TrainConfig, directory: Path, trainer_config: dict) -> None:
+    """The checkpoint about to be loaded (perhaps an older one than resume_config read, after a
+    damaged newer one) must be of the same run in every key a resumed run keeps."""
+    differ = [f"{k} {trainer_config[k]!r} (this run: {getattr(cfg, k)!r})" for k in FIXED_ON_RESUME
+              if k in trainer_config and trainer_config[k] != getattr(cfg, k)]  # fmt: skip
+    if differ:
+        raise ConfigError(f"checkpoint {directory} is of another run: {'; '.join(differ)}")

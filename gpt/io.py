@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,8 +44,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(directory: Path) -> str | None:
-    """None if the checkpoint's files match its manifest, else what is wrong."""
+def verify(directory: Path, only: tuple[str, ...] | None = None) -> str | None:
+    """None if the checkpoint's files (or those of them named in ``only``) match its manifest,
+    else what is wrong."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         return "no manifest (an interrupted write?)"
@@ -54,6 +56,8 @@ def verify(directory: Path) -> str | None:
     except (ValueError, KeyError, TypeError, AttributeError):
         return "manifest is unreadable"
     for name, digest in items:
+        if only is not None and name not in only:
+            continue
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
@@ -62,13 +66,19 @@ def verify(directory: Path) -> str | None:
     return None
 
 
-def find_model_dir(path: str | Path, warn: Callable[[str], None] | None = None) -> Path:
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def find_model_dir(path: str | Path, warn: Callable[[str], None] = _to_stderr) -> Path:
     """``path`` itself if it holds a model, else the newest ``checkpoints/step_*`` under it (a
-    training run's output folder) whose manifest verifies; damaged newer ones are reported
-    through ``warn`` and skipped. A model directory with a manifest must match it too."""
+    training run's output folder) whose model files match its manifest; damaged newer ones are
+    reported through ``warn`` and skipped. A model directory with a manifest must match it too.
+    Only the model's files are hashed: the optimizer state can be many times larger."""
     path = Path(path)
+    model_files = (WEIGHTS_FILE, CONFIG_FILE)
     if (path / WEIGHTS_FILE).is_file():
-        if (path / MANIFEST).is_file() and (problem := verify(path)):
+        if (path / MANIFEST).is_file() and (problem := verify(path, only=model_files)):
             raise ValueError(f"{path} is damaged: {problem}")
         return path
     steps = sorted((path / "checkpoints").glob("step_*"), key=lambda p: p.name)
@@ -77,12 +87,11 @@ def find_model_dir(path: str | Path, warn: Callable[[str], None] | None = None) 
         raise FileNotFoundError(f"no model in {path}: expected {WEIGHTS_FILE} or checkpoints/step_*/ (train first)")
     problems = []
     for step in reversed(steps):
-        problem = verify(step)
+        problem = verify(step, only=model_files)
         if problem is None:
             return step
         problems.append(f"{step.name}: {problem}")
-        if warn:
-            warn(f"checkpoint {step} is unusable ({problem}); trying the previous one")
+        warn(f"checkpoint {step} is unusable ({problem}); trying the previous one")
     raise ValueError(f"no usable checkpoint in {path / 'checkpoints'}: {'; '.join(problems)}")
 
 

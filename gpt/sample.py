@@ -62,6 +62,8 @@ def pick_device(name: str) -> torch.device:
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={name}: this machine has no CUDA device; use --device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device={name} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}")
     return device
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer_meta = load_pretrained(args.init_from, device)
             source = args.init_from
         else:
-            directory = find_model_dir(Path(args.out_dir), warn=lambda m: print(m, file=sys.stderr))
+            directory = find_model_dir(Path(args.out_dir))
             model, info = load_model(directory, device)
             tokenizer_meta, source = info.get("tokenizer"), directory
         if not tokenizer_meta:

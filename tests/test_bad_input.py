@@ -26,7 +26,7 @@ import torch
 
 import kernels
 from gpt.sample import main as sample_main
-from tests.test_faults import config, end_session, flags, read_until, start
+from tests.test_faults import config, end_session, flags, read_until, run, start, torchrun_cmd
 from train import checkpoint
 from train.__main__ import main as train_main
 from train.config import TrainConfig
@@ -64,6 +64,7 @@ def bad_inputs(data_dir, tmp_path_factory) -> dict[str, Path]:
     prepare("tiny", data_dir, input_path=tiny)
     (root / "other.txt").write_text("Some other text, never prepared before. " * 40)
     (root / "my corpus.txt").write_text("a file name that is no dataset name " * 40)
+    (root / "shakespeare_char.txt").write_text("a file named like a built-in dataset " * 40)
     # a built-in dataset's folder that holds a user's text (as an older version could leave it)
     prepare("mine", root / "hijacked", input_path=tiny)
     (root / "hijacked" / "mine").rename(root / "hijacked" / "shakespeare_char")
@@ -125,7 +126,10 @@ BAD_INPUT = [  # (name, flags, what stderr must say); {root} and {data} are fill
     ("a built-in name holding a user's text", ["--data_dir={root}/hijacked"],
      "should hold Tiny Shakespeare but holds the tokens of {root}/tiny.txt"),
     ("an input whose name is no dataset name", ["--input={root}/my corpus.txt"],
-     "its file name 'my corpus' cannot name a dataset folder; name it with --dataset=NAME"),
+     "its file name 'my corpus' cannot name its dataset"),
+    ("an input named like a built-in dataset", ["--input={root}/shakespeare_char.txt"],
+     "its file name 'shakespeare_char' cannot name its dataset (not a folder name, or a built-in dataset's); "
+     "name it with --dataset=NAME"),
     # a resumed run keeps its data order and model
     ("resume with another batch size", ["--out_dir={root}/finished", "--resume", "--batch_size=8"],
      "changes batch_size 4 -> 8 (the batches and their order)"),
@@ -251,6 +255,50 @@ def test_resume_takes_the_saved_config_and_says_what_changes(data_dir, tmp_path,
     assert (saved["batch_size"], saved["n_embd"], saved["min_lr"], saved["learning_rate"]) == (4, 32, 0.0004, 0.002)
 
 
+def test_resume_writes_where_this_command_says(data_dir, tmp_path, capsys):
+    """A run folder copied elsewhere is continued in the copy, not in the folder it was saved from;
+    the same --input written another way is the same input."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Now is the winter of our discontent made glorious summer. " * 30)
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    assert train_main(flags(data_dir, original, input=str(corpus), max_iters=2, eval_interval=2)) == 0
+    shutil.copytree(original, copy)
+    capsys.readouterr()
+    relative = os.path.relpath(corpus)  # another spelling of the same file
+    assert train_main([f"--data_dir={data_dir}", f"--out_dir={copy}", f"--input={relative}", "--resume",
+                       "--max_iters=3", "--eval_interval=3", "--progress=false"]) == 0  # fmt: skip
+    assert [p.name for p in checkpoint.list_checkpoints(copy)][-1] == "step_0000003"
+    assert [p.name for p in checkpoint.list_checkpoints(original)] == ["step_0000002"]
+
+
+def test_a_run_resumed_at_its_end_still_ends_with_an_evaluation(data_dir, tmp_path):
+    """Stopped during its final evaluation (the checkpoint of the last step written, no val loss
+    recorded for it), a resumed run evaluates before it ends."""
+    assert train_main(flags(data_dir, tmp_path, max_iters=2, eval_interval=2)) == 0
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if not ("val_loss" in r and r["step"] == 2)))
+    assert train_main([*flags(data_dir, tmp_path, max_iters=2, eval_interval=2), "--resume"]) == 0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2]
+
+
+def test_a_bad_gpt_kernels_is_refused_before_anything_is_replaced(data_dir, tmp_path, monkeypatch, capsys):
+    assert train_main(flags(data_dir, tmp_path, max_iters=2, eval_interval=2)) == 0
+    before = checkpoint.list_checkpoints(tmp_path)
+    monkeypatch.setenv("GPT_KERNELS", "attention=nope")
+    kernels.dispatch.reload_env()
+    try:
+        capsys.readouterr()
+        assert train_main([*flags(data_dir, tmp_path, max_iters=2, eval_interval=2), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "nope" in err and err.count("\n") == 1, err
+        assert checkpoint.list_checkpoints(tmp_path) == before
+    finally:
+        monkeypatch.delenv("GPT_KERNELS")
+        kernels.dispatch.reload_env()
+
+
 # --- non-finite weights are never checkpointed -------------------------------------------------
 
 
@@ -317,9 +365,11 @@ def test_an_unsafe_state_file_is_a_damaged_checkpoint(data_dir, tmp_path, capsys
     assert train_main(flags(data_dir, tmp_path, max_iters=4, eval_interval=2, keep_last=3)) == 0
     step2, step4 = checkpoint.list_checkpoints(tmp_path)
 
+    marker = tmp_path / "code_ran"
+
     class Payload:
         def __reduce__(self):
-            return (os.system, ("echo pwned > /dev/null",))
+            return (os.system, (f"touch {marker}",))
 
     import pickle
 
@@ -332,7 +382,21 @@ def test_an_unsafe_state_file_is_a_damaged_checkpoint(data_dir, tmp_path, capsys
     assert train_main([*flags(data_dir, tmp_path, max_iters=5, eval_interval=2), "--resume"]) == 0
     out = capsys.readouterr().out
     assert "step_0000004 is unusable" in out and "cannot be read safely" in out and "at step 2" in out
-    assert "weights_only=False" not in out
+    assert "weights_only=False" not in out and not marker.exists()  # refused, and nothing in it ran
+
+
+def test_ddp_ranks_fall_back_together_from_an_unloadable_checkpoint(data_dir, tmp_path):
+    """Two ranks: the newest checkpoint's state.pt passes its manifest but cannot be loaded; both
+    ranks fall back to the previous checkpoint together (no rank left waiting in a collective)."""
+    assert train_main(flags(data_dir, tmp_path, max_iters=4, eval_interval=2, keep_last=3)) == 0
+    step4 = checkpoint.list_checkpoints(tmp_path)[-1]
+    (step4 / "state.pt").write_bytes(b"not a torch file at all")
+    manifest = json.loads((step4 / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = checkpoint._sha256(step4 / "state.pt")
+    (step4 / "manifest.json").write_text(json.dumps(manifest))
+    proc = run([*torchrun_cmd(), *flags(data_dir, tmp_path, max_iters=5, eval_interval=2), "--resume"], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "step_0000004 is unusable" in proc.stdout and "at step 2" in proc.stdout
 
 
 def test_a_torn_metrics_line_does_not_stop_a_resume(data_dir, tmp_path, capsys):
@@ -372,6 +436,8 @@ def test_training_and_sampling_follow_gpt_kernels_alike(data_dir, tmp_path, monk
         calls.clear()
         train(config(data_dir, tmp_path / "named", max_iters=1, eval_interval=1, attn_backend="sdpa"), log=quiet)
         assert not calls, "a backend named in the config must win over GPT_KERNELS"
+        assert sample_main(["--out_dir", str(tmp_path / "auto"), "--max_new_tokens=2", "--num_samples=1"]) == 0
+        assert calls, "sampling ignored GPT_KERNELS=attention=torch"
     finally:
         monkeypatch.delenv("GPT_KERNELS")
         kernels.dispatch.reload_env()

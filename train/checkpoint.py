@@ -188,7 +188,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     directory = Path(directory)
     try:
         model, _ = load_model(directory, device=device)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as err:
+    except torch.OutOfMemoryError:
+        raise  # not the checkpoint's fault: no falling back to an older one
+    except (SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {directory}: its model cannot be loaded ({err})") from None
     trainer, tensors = load_training_state(directory)
     return Resumed(step=trainer["step"], model=model, trainer=trainer, tensors=tensors)
@@ -200,7 +202,9 @@ def load_training_state(directory: str | Path) -> tuple[dict, dict]:
     try:
         # RNG states must stay on the CPU; optimizer.load_state_dict moves its state to the params
         tensors = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
+    except torch.OutOfMemoryError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
         # torch's own message would suggest weights_only=False, i.e. running whatever the file holds
         raise CheckpointError(f"{directory / 'state.pt'} cannot be read safely: it is not a weights-only "
                               "file (damaged, or not written by this code)") from None

@@ -112,9 +112,9 @@ class TrainConfig:
         if self.input and self.dataset in BUILTIN_DATASETS:
             # your text is a dataset of its own, named after its file: never Tiny Shakespeare's folder
             self.dataset = Path(self.input).stem
-            if not valid_dataset_name(self.dataset):
-                raise ConfigError(f"--input {self.input}: its file name {self.dataset!r} cannot name a dataset "
-                                  "folder; name it with --dataset=NAME (letters, digits, '_', '-', '.')")
+            if not valid_dataset_name(self.dataset) or self.dataset in BUILTIN_DATASETS:
+                raise ConfigError(f"--input {self.input}: its file name {self.dataset!r} cannot name its dataset "
+                                  "(not a folder name, or a built-in dataset's); name it with --dataset=NAME")
         if not self.init_from:
             raise ConfigError("init_from must be scratch, resume, a GPT-2 name or a path; got ''")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",

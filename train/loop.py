@@ -85,6 +85,8 @@ class Trainer:
         cfg, strategy = self.cfg, self.strategy
         self.faults = FaultInjection(strategy.rank)
         for op, name in (("attention", cfg.attn_backend), ("layer_norm", cfg.ln_backend)):
+            if name == "auto":
+                name = kernels.selected(op)  # GPT_KERNELS, checked now rather than at the first forward
             if name != "auto" and name not in kernels.available_backends(op, self.device):
                 raise ConfigError(
                     f"{op} backend {name!r} cannot run on {self.device.type} here; available: "
@@ -136,11 +138,15 @@ class Trainer:
         while directory is not None:
             try:
                 self._resume(directory)
-                break
+                error = None
             except checkpoint.CheckpointError as err:  # it passed its manifest, but cannot be loaded
-                unusable.append(f"checkpoint {directory} is unusable ({err})")
-                self.log(f"{unusable[-1]}; trying the previous one")
-                directory = self._checkpoint_to_resume(before=directory, problems=unusable)
+                error = str(err)
+            errors = [e for e in strategy.gather_objects(error) if e is not None]  # every rank falls back alike
+            if not errors:
+                break
+            unusable.append(f"checkpoint {directory} is unusable ({errors[0]})")
+            self.log(f"{unusable[-1]}; trying the previous one")
+            directory = self._checkpoint_to_resume(before=directory, problems=unusable)
         self.resumed = directory is not None
         if not self.resumed and checkpoint.list_checkpoints(self.out_dir) and not cfg.overwrite:
             raise ConfigError(
@@ -187,7 +193,9 @@ class Trainer:
         whose shape then replaces the config's."""
         cfg, spec = self.cfg, self.cfg.init_from
         if spec in ("scratch", "resume"):
-            return build_model(cfg.model_config(self.meta["vocab_size"]))
+            # a resumed fine-tune keeps its weights' vocabulary, which may be padded past the data's
+            vocab = max(self.meta["vocab_size"], getattr(cfg, "checkpoint_vocab_size", None) or 0)
+            return build_model(cfg.model_config(vocab if spec == "resume" else self.meta["vocab_size"]))
         from gpt.pretrained import load_pretrained  # only fine-tuning needs it
 
         try:
@@ -324,13 +332,17 @@ class Trainer:
         """Whether every weight is finite, on every rank (all ranks get the same answer)."""
         bad = torch.zeros((), device=self.device)
         for p in self.model.parameters():
-            bad += (~torch.isfinite(p.detach())).any()
+            local = getattr(p, "ds_tensor", p)  # under ZeRO-3 this rank's shard (p itself is empty)
+            bad += (~torch.isfinite(local.detach())).any()
         return self.strategy.all_reduce_sum(bad).item() == 0
 
     def _stop_requested(self) -> bool:
         """Whether any rank got SIGTERM/SIGINT (one small all-reduce, so all ranks agree); sets
         ``stop_signal``."""
         name = self.signals.received
+        if self.strategy.world_size == 1:  # nothing to agree on: no tensor, no host sync
+            self.stop_signal = name or self.stop_signal
+            return name is not None
         flags = torch.tensor([name == "SIGTERM", name == "SIGINT"], device=self.device, dtype=torch.float32)
         sigterm, sigint = (self.strategy.all_reduce_sum(flags) > 0).tolist()
         if sigterm or sigint:
@@ -405,8 +417,12 @@ class Trainer:
     def _record(self, row: dict) -> None:
         self.history.append(row)
         if self.strategy.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as err:  # a full disk: the next checkpoint stops the run, on every rank alike
+                self.log(f"could not append to {self.out_dir / 'metrics.jsonl'} ({err.strerror or err}): "
+                         f"the row of step {row.get('step')} is lost")
 
     def _eval_and_save(self) -> None:
         losses = self.evaluate()
@@ -499,14 +515,31 @@ class Trainer:
                     self.save()
                 if self.stop_signal:
                     raise self._stop_on_signal()
+            if self.resumed and self.step == cfg.max_iters > 0 and not self._evaluated_at(self.step):
+                self._eval_and_save()  # resumed at its end: stopped during its final evaluation
+                if self.stop_signal:
+                    raise self._stop_on_signal()
             elapsed = time.perf_counter() - start
             evals = [r for r in self.history if "val_loss" in r]
             result = {**(evals[-1] if evals else {}), "step": self.step, "seconds": elapsed}
             if evals and strategy.is_main:
-                plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+                try:
+                    plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+                except OSError as err:
+                    self.log(f"could not write {self.out_dir / 'loss.png'} ({err.strerror or err})")
             if cfg.num_samples and cfg.sample_tokens:
                 result["samples"] = self.write_samples()
         return result
+
+    def _evaluated_at(self, step: int) -> bool:
+        """Whether metrics.jsonl has an evaluation of ``step`` (rank 0 reads, every rank hears)."""
+        if any(r["step"] == step and "val_loss" in r for r in self.history):
+            return True
+        found = None
+        if self.strategy.is_main:
+            metrics = self.out_dir / "metrics.jsonl"
+            found = metrics.is_file() and any(r.get("step") == step and "val_loss" in r for r in read_metrics(metrics))
+        return bool(self.strategy.broadcast_object(found))
 
     def write_samples(self) -> list[str]:
         """Sample from the trained model, print the samples and save them to samples.txt. Every
@@ -519,7 +552,10 @@ class Trainer:
         samples = [self.tokenizer.decode(row.tolist()) for row in out]
         text = "\n\n---------------\n\n".join(s.strip("\n") for s in samples) + "\n"
         if self.strategy.is_main:
-            (self.out_dir / "samples.txt").write_text(text)
+            try:
+                (self.out_dir / "samples.txt").write_text(text)
+            except OSError as err:
+                self.log(f"could not write {self.out_dir / 'samples.txt'} ({err.strerror or err})")
         self.log("samples:\n" + text)
         return samples
 

@@ -10,6 +10,11 @@ compared with the saved value:
   out_dir (or with --overwrite).
 - every other key may change (a longer ``max_iters``, a lower ``learning_rate`` after a NaN,
   another ``eval_interval`` or ``device``): the change is applied and printed, one line per key.
+- where to continue (``out_dir``) and how (``resume``, ``overwrite``) always come from this
+  command, never from the checkpoint: a run folder may have been copied or moved.
+
+"Set explicitly" is exact on the command line (``load_config`` records the keys). For a
+TrainConfig built in Python, the keys whose value differs from the default count as set.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ FIXED_ON_RESUME = {
     "batch_size": "the batches and their order", "gradient_accumulation_steps": "the batches and their order",
     "seed": "the order of the batches",
 }  # fmt: skip
-NOT_REPORTED = {"resume", "overwrite", "out_dir", "init_from"}  # how to continue, not what
+FROM_THIS_COMMAND = ("out_dir", "resume", "overwrite")  # where and how to continue, not what
+NOT_REPORTED = {*FROM_THIS_COMMAND, "init_from"}
 
 
 def resume_mode(cfg: TrainConfig) -> str:
@@ -72,17 +78,17 @@ def resume_config(cfg: TrainConfig, log: Callable[[str], None] = print) -> Train
     found = saved_config(cfg.out_dir)
     if found is None:
         return cfg  # nothing to continue: --resume=true says so once the checkpoints are checked
-    saved, directory = found
+    saved, directory = normalised(*found)
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     explicit = explicit_keys(cfg)
-    merged = {k: v for k, v in saved.items() if k in names}
-    merged.update({k: getattr(cfg, k) for k in explicit})
-    if saved.get("init_from") not in ("scratch", "resume", None) and "init_from" not in explicit:
+    merged = {**saved, **{k: getattr(cfg, k) for k in (*explicit, *FROM_THIS_COMMAND)}}
+    if saved.get("init_from") not in ("scratch", "resume") and "init_from" not in explicit:
         merged["init_from"] = "resume"  # the checkpoint holds the weights: do not load them from their source
     resumed = TrainConfig(**merged)
     resumed.explicit = explicit
+    resumed.checkpoint_vocab_size = _vocab_size(directory)
     changes = [(k, saved[k], getattr(resumed, k)) for k in names
-               if k in saved and k not in NOT_REPORTED and saved[k] != getattr(resumed, k)]  # fmt: skip
+               if k not in NOT_REPORTED and not _same(k, saved[k], getattr(resumed, k))]  # fmt: skip
     refused = [f"{k} {old!r} -> {new!r} ({FIXED_ON_RESUME[k]})" for k, old, new in changes if k in FIXED_ON_RESUME]
     if refused:
         raise ConfigError(
@@ -95,10 +101,36 @@ def resume_config(cfg: TrainConfig, log: Callable[[str], None] = print) -> Train
     return resumed
 
 
+def normalised(saved: dict, directory: Path) -> tuple[dict, Path]:
+    """A saved config as this version reads it (an older version kept the dataset name a
+    preset gave beside --input, say); keys it no longer knows are dropped, new ones default."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return TrainConfig(**{k: v for k, v in saved.items() if k in names}).to_dict(), directory
+    except (ConfigError, TypeError) as err:
+        raise ConfigError(f"the run saved in {directory} has a configuration this version refuses ({err}); "
+                          "start a new run (another --out_dir, or --overwrite)") from None
+
+
+def _same(key: str, old: object, new: object) -> bool:
+    if key == "input" and old and new:  # one file, however the path is written
+        return Path(str(old)).resolve() == Path(str(new)).resolve()
+    return old == new
+
+
+def _vocab_size(directory: Path) -> int | None:
+    """The vocabulary of the checkpoint's model (fine-tuned weights may have a padded one)."""
+    try:
+        return int(json.loads((directory / "model.json").read_text())["config"]["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_same_run(cfg: TrainConfig, directory: Path, trainer_config: dict) -> None:
     """The checkpoint about to be loaded (perhaps an older one than resume_config read, after a
     damaged newer one) must be of the same run in every key a resumed run keeps."""
+    trainer_config, _ = normalised(trainer_config, directory)
     differ = [f"{k} {trainer_config[k]!r} (this run: {getattr(cfg, k)!r})" for k in FIXED_ON_RESUME
-              if k in trainer_config and trainer_config[k] != getattr(cfg, k)]  # fmt: skip
+              if k in trainer_config and not _same(k, trainer_config[k], getattr(cfg, k))]  # fmt: skip
     if differ:
         raise ConfigError(f"checkpoint {directory} is of another run: {'; '.join(differ)}")

@@ -340,16 +340,24 @@ class DeepSpeedStrategy(DistributedStrategy):
             return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def save(self, out_dir: Path, step: int, tokenizer_meta: dict, trainer_state: dict) -> Path | None:
-        staging, path = checkpoint.staging_dir(out_dir, step), None
+        staging, path, error = checkpoint.staging_dir(out_dir, step), None, None
         if self.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self.barrier()
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            except OSError as err:
+                error = checkpoint.CheckpointError(f"could not write the checkpoint of step {step} into "
+                                                   f"{staging.parent}: {err.strerror or err}")
+        self.raise_any(error)  # every rank stops alike, none waits at a barrier
         # every rank writes its shards into staging/deepspeed; rank 0 then completes and renames it
-        self.engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
+        try:
+            self.engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
+        except OSError as err:  # a full disk while the shards are written
+            error = checkpoint.CheckpointError(f"could not write the DeepSpeed shards of step {step} into "
+                                               f"{staging}: {err.strerror or err}")
+        self.raise_any(error)
         weights, rng = self._full_state_dict(), self._rank_rng()
         self.barrier()
-        error = None
         if self.is_main:
             model = build_model(self.model.config)
             model.load_state_dict(weights)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gpt.device import pick_device
 from gpt.generate import generate_text
 from gpt.io import find_model_dir, load_model
 from gpt.pretrained import load_pretrained
@@ -51,22 +52,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={name}: this machine has no CUDA device; use --device=cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device={name} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}")
-    return device
 
 
 def main(argv: list[str] | None = None) -> int:

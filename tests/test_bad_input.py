@@ -26,7 +26,16 @@ import torch
 
 import kernels
 from gpt.sample import main as sample_main
-from tests.test_faults import config, end_session, flags, read_until, run, start, torchrun_cmd
+from tests.test_faults import (
+    config,
+    end_session,
+    flags,
+    one_thread,  # noqa: F401  (autouse: one thread, as there)
+    read_until,
+    run,
+    start,
+    torchrun_cmd,
+)
 from train import checkpoint
 from train.__main__ import main as train_main
 from train.config import TrainConfig
@@ -35,14 +44,6 @@ from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, LOCK_FILE, MAX_SKIPPED_
 from train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quiet(*_: object) -> None:
@@ -476,7 +477,7 @@ def test_sample_refuses_bad_arguments_and_damaged_checkpoints(bad_inputs, capsys
     for args, message in ((["--temperature=nan"], "--temperature must be a finite number >= 0, got nan"),
                           (["--top_p=nan"], "--top_p must be in (0, 1], got nan"),
                           (["--device=cuda"], "this machine has no CUDA device"),
-                          (["--device=tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+                          (["--device=tpu"], "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
                           (["--prompt=Z~"], "does not know: '~'")):  # fmt: skip
         if "cuda" in args[0] and torch.cuda.is_available():
             continue

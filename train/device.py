@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+import gpt.device
 from train.config import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -25,19 +26,10 @@ PEAK_FLOPS = {
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA device; use --device=cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device type {device.type!r} is not supported; use cpu or cuda")
-    return device
+        return gpt.device.pick_device(name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

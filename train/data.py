@@ -87,12 +87,11 @@ def prepare(
 
     if input_path is None:
         raw = fetch_shakespeare(data_dir)
-        source: dict[str, Any] = {"name": SHAKESPEARE_NAME, "url": SHAKESPEARE_URL}
+        source: dict[str, Any] = {"name": SHAKESPEARE_NAME, "url": SHAKESPEARE_URL,
+                                  "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}  # fmt: skip
     else:
-        input_path = Path(input_path)
-        raw = _read_input(input_path)
-        source = {"name": input_path.stem, "path": str(input_path.resolve())}
-    source |= {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        raw = _read_input(Path(input_path))
+        source = _input_source(input_path, raw)
     text = _decode_utf8(raw, source.get("path") or source["name"])
 
     tok = CharTokenizer.from_text(text) if tokenizer_name == "char" else GPT2Tokenizer()
@@ -181,14 +180,13 @@ def ensure_prepared(
             f"prepare it again (python -m train.data prepare ... --tokenizer {tokenizer}) or use another dataset name"
         )
     if input_path is not None:
-        sha256 = hashlib.sha256(_read_input(Path(input_path))).hexdigest()
-        requested = {"name": Path(input_path).stem, "path": str(Path(input_path).resolve()), "sha256": sha256}
+        requested = _input_source(input_path, _read_input(Path(input_path)))
         if not same_source(meta["source"], requested):
             raise DataError(
                 f"{folder} holds the tokens of {describe_source(meta['source'])}, not of {input_path}: a dataset "
                 "is never replaced by another text; choose another --dataset for it"
             )
-        if sha256 != meta["source"].get("sha256"):
+        if requested["sha256"] != meta["source"].get("sha256"):
             raise DataError(
                 f"{input_path} changed since {folder} was prepared from it; prepare it again: "
                 f"python -m train.data prepare --dataset {dataset} --input {input_path} --data_dir {data_dir}"
@@ -313,6 +311,13 @@ def same_source(held: dict, wanted: dict) -> bool:
     if "path" not in held or "path" not in wanted:
         return False  # Tiny Shakespeare on one side, a user's text on the other
     return held.get("path") == wanted.get("path") or held.get("sha256") == wanted.get("sha256")
+
+
+def _input_source(input_path: str | Path, raw: bytes) -> dict[str, Any]:
+    """meta.json's source of a user's text: its name (the file stem), path, size and sha256."""
+    path = Path(input_path)
+    sha256 = hashlib.sha256(raw).hexdigest()
+    return {"name": path.stem, "path": str(path.resolve()), "bytes": len(raw), "sha256": sha256}
 
 
 def describe_source(source: dict) -> str:

@@ -193,9 +193,10 @@ class Trainer:
         whose shape then replaces the config's."""
         cfg, spec = self.cfg, self.cfg.init_from
         if spec in ("scratch", "resume"):
-            # a resumed fine-tune keeps its weights' vocabulary, which may be padded past the data's
-            vocab = max(self.meta["vocab_size"], getattr(cfg, "checkpoint_vocab_size", None) or 0)
-            return build_model(cfg.model_config(vocab if spec == "resume" else self.meta["vocab_size"]))
+            vocab = self.meta["vocab_size"]
+            if spec == "resume":  # a resumed fine-tune keeps its weights' vocabulary, maybe padded past the data's
+                vocab = max(vocab, getattr(cfg, "checkpoint_vocab_size", None) or 0)
+            return build_model(cfg.model_config(vocab))
         from gpt.pretrained import load_pretrained  # only fine-tuning needs it
 
         try:

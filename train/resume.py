@@ -78,7 +78,8 @@ def resume_config(cfg: TrainConfig, log: Callable[[str], None] = print) -> Train
     found = saved_config(cfg.out_dir)
     if found is None:
         return cfg  # nothing to continue: --resume=true says so once the checkpoints are checked
-    saved, directory = normalised(*found)
+    saved_raw, directory = found
+    saved = normalised(saved_raw, directory)
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     explicit = explicit_keys(cfg)
     merged = {**saved, **{k: getattr(cfg, k) for k in (*explicit, *FROM_THIS_COMMAND)}}
@@ -101,12 +102,12 @@ def resume_config(cfg: TrainConfig, log: Callable[[str], None] = print) -> Train
     return resumed
 
 
-def normalised(saved: dict, directory: Path) -> tuple[dict, Path]:
+def normalised(saved: dict, directory: Path) -> dict:
     """A saved config as this version reads it (an older version kept the dataset name a
     preset gave beside --input, say); keys it no longer knows are dropped, new ones default."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        return TrainConfig(**{k: v for k, v in saved.items() if k in names}).to_dict(), directory
+        return TrainConfig(**{k: v for k, v in saved.items() if k in names}).to_dict()
     except (ConfigError, TypeError) as err:
         raise ConfigError(f"the run saved in {directory} has a configuration this version refuses ({err}); "
                           "start a new run (another --out_dir, or --overwrite)") from None
@@ -129,7 +130,7 @@ def _vocab_size(directory: Path) -> int | None:
 def check_same_run(cfg: TrainConfig, directory: Path, trainer_config: dict) -> None:
     """The checkpoint about to be loaded (perhaps an older one than resume_config read, after a
     damaged newer one) must be of the same run in every key a resumed run keeps."""
-    trainer_config, _ = normalised(trainer_config, directory)
+    trainer_config = normalised(trainer_config, directory)
     differ = [f"{k} {trainer_config[k]!r} (this run: {getattr(cfg, k)!r})" for k in FIXED_ON_RESUME
               if k in trainer_config and not _same(k, trainer_config[k], getattr(cfg, k))]  # fmt: skip
     if differ:

@@ -5,16 +5,26 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 MODELS = ("gpt", "bigram")
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(text: str) -> bool:
+    """A yes/no from a command line (true/false, 1/0, yes/no, on/off); ValueError otherwise.
+    The one word list of every command line here (gpt.sample, train)."""
+    word = text.strip().lower()
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise ValueError(f"expected true or false, got {text!r}")
+    return word in TRUE_WORDS
 
 
 @dataclass
 class GPTConfig:
     model: str = "gpt"  # "gpt": the Transformer; "bigram": the lecture's baseline
     vocab_size: int = 65
-    block_size: int = 256  # longest context the position embedding covers
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    block_size: int = 128  # longest context the position embedding covers
+    n_layer: int = 4  # defaults: a character model that trains on a laptop's CPU in minutes
+    n_head: int = 4
+    n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
 
@@ -32,10 +42,6 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -29,21 +29,40 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, KVCache, unwrap
 from gpt.tokenizer import Tokenizer
+
+
+def check_sampling(
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    max_new_tokens: int = 0,
+    num_samples: int = 1,
+    flag: str = "",
+) -> None:
+    """Refuse settings that would sample nonsense, with a ValueError naming the setting after
+    ``flag`` (``"--"`` in ``python -m gpt.sample``, which checks before it loads anything)."""
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN would pass a plain comparison
+        raise ValueError(f"{flag}temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"{flag}top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:  # also refuses NaN
+        raise ValueError(f"{flag}top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"{flag}max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"{flag}num_samples must be >= 1, got {num_samples}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the smallest set whose
     probability mass reaches top_p. ``logits`` is (B, vocab); returns a new tensor."""
+    check_sampling(top_k=top_k, top_p=top_p)
     if top_k is not None and top_k < logits.size(-1):  # a top_k of the whole vocabulary keeps every token
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = torch.topk(logits, top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:  # also refuses NaN
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
@@ -86,11 +105,7 @@ def _check_finite(row_max: torch.Tensor) -> None:
         raise ValueError(message)
 
 
-def _check_args(idx: torch.Tensor, max_new_tokens: int, temperature: float, window_keep: int | None, block_size: int):
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not (math.isfinite(temperature) and temperature >= 0):  # NaN would pass a plain comparison
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+def _check_prompt(idx: torch.Tensor, window_keep: int | None, block_size: int) -> None:
     if idx.dim() != 2 or idx.size(1) < 1:
         raise ValueError(
             f"idx must be (batch, seq_len) with seq_len >= 1, got shape {tuple(idx.shape)}; "
@@ -101,16 +116,10 @@ def _check_args(idx: torch.Tensor, max_new_tokens: int, temperature: float, wind
 
 
 def generate_tokens(
-    model: nn.Module,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
+    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     generator: torch.Generator | None = None,
-    kv_cache: bool = True,
-    window_keep: int | None = None,
-    vocab_limit: int | None = None,
+    kv_cache: bool = True, window_keep: int | None = None, vocab_limit: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B, 1) of the prompts ``idx`` (B, T), ``max_new_tokens`` times.
 
@@ -123,9 +132,10 @@ def generate_tokens(
     yielded tensors are inference tensors: read them, or ``.clone()`` one to update it in
     place or use it in autograd (``generate`` returns an ordinary tensor).
     """
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: run the module itself
+    model = unwrap(model)  # a torch.compile'd model: run the module itself
     block_size = model.config.block_size
-    _check_args(idx, max_new_tokens, temperature, window_keep, block_size)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    _check_prompt(idx, window_keep, block_size)
     window_keep = window_keep or max(1, block_size // 2)
     # as a decorator, the context switches gradients off only while a step runs, not between yields
     grad_off = torch.inference_mode() if _inference_mode_is_safe(model) else torch.no_grad()
@@ -165,18 +175,11 @@ def _inference_mode_is_safe(model: nn.Module) -> bool:
 
 
 def generate(
-    model: nn.Module,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
+    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     generator: torch.Generator | None = None,
-    *,
-    kv_cache: bool = True,
-    stop: Sequence[int] | None = None,
-    window_keep: int | None = None,
-    vocab_limit: int | None = None,
+    *, kv_cache: bool = True, stop: Sequence[int] | None = None,
+    window_keep: int | None = None, vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Extend the token ids ``idx`` (B, T) by up to ``max_new_tokens`` sampled tokens.
 
@@ -213,19 +216,10 @@ def _held_back(text: str, stop: str | None) -> int:
 
 
 def generate_text(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    prompt: str,
-    max_new_tokens: int,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, num_samples: int = 1,
+    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     generator: torch.Generator | None = None,
-    *,
-    kv_cache: bool = True,
-    stop: str | None = None,
-    on_text: Callable[[str], None] | None = None,
+    *, kv_cache: bool = True, stop: str | None = None, on_text: Callable[[str], None] | None = None,
     window_keep: int | None = None,
 ) -> list[str]:
     """``num_samples`` continuations of ``prompt``, each returned with the prompt in front.
@@ -235,8 +229,7 @@ def generate_text(
     sample's new text piece by piece as it is generated (for streaming to a terminal); a
     piece is passed on only once it is final (no half UTF-8 character, nothing past ``stop``).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_sampling(temperature, top_k, top_p, max_new_tokens, num_samples)  # before the prompt is encoded
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise ValueError("the prompt is empty after tokenization; give at least one character")

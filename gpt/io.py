@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from gpt.config import GPTConfig
-from gpt.model import build_model
+from gpt.model import build_model, unwrap
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
@@ -30,7 +30,7 @@ def save_model(model: torch.nn.Module, directory: str | Path, tokenizer_meta: di
     that need durability, like checkpoints, write into a temporary directory and rename)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model = unwrap(model)  # a compiled model's state_dict keys start with "_orig_mod."
     safetensors.torch.save_model(model, str(directory / WEIGHTS_FILE))  # handles the tied lm_head
     info = dict(config=model.config.to_dict(), tokenizer=tokenizer_meta)
     (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -95,17 +95,24 @@ def find_model_dir(path: str | Path, warn: Callable[[str], None] = _to_stderr) -
     raise ValueError(f"no usable checkpoint in {path / 'checkpoints'}: {'; '.join(problems)}")
 
 
+def read_info(directory: str | Path) -> dict:
+    """A model directory's model.json: ``config`` (a GPTConfig's fields) and ``tokenizer``."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        info = json.loads(path.read_text())
+        GPTConfig.from_dict(info["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid model description: {err}") from err
+    return info
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Build the model described in ``model.json`` and load its weights; returns (model, info)."""
     directory = Path(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a model directory: {name} is missing")
-    try:
-        info = json.loads((directory / CONFIG_FILE).read_text())
-        config = GPTConfig.from_dict(info["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{directory / CONFIG_FILE} is not a valid model description: {err}") from err
-    model = build_model(config)
+    info = read_info(directory)
+    model = build_model(GPTConfig.from_dict(info["config"]))
     safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
     return model.to(device), info

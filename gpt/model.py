@@ -238,3 +238,8 @@ class BigramLanguageModel(nn.Module):
 
 def build_model(config: GPTConfig) -> GPT | BigramLanguageModel:
     return GPT(config) if config.model == "gpt" else BigramLanguageModel(config)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``torch.compile``'d model wraps (``model._orig_mod``), else ``model`` itself."""
+    return getattr(model, "_orig_mod", model)

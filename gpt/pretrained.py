@@ -29,8 +29,8 @@ import torch
 
 from gpt.config import GPTConfig
 from gpt.io import CONFIG_FILE, WEIGHTS_FILE, find_model_dir, load_model
-from gpt.model import GPT
-from gpt.tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
+from gpt.model import GPT, unwrap
+from gpt.tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE, describe_tokenizer, same_tokenizer
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_CONFIG = "config.json"
@@ -78,6 +78,28 @@ def load_pretrained(
     if block_size is not None:
         crop_block_size(model, block_size)
     return model.to(device), tokenizer_meta
+
+
+def load_for_finetuning(
+    spec: str, tokenizer_meta: dict, vocab_size: int, dropout: float, block_size: int, data: str = "the data"
+) -> tuple[GPT, list[str]]:
+    """Pretrained weights (``load_pretrained``) to go on training on ``data``, whose tokens
+    ``tokenizer_meta`` describes (``vocab_size`` of them). A ValueError if the weights cannot
+    read those tokens (another tokenizer, a smaller vocabulary); also returns what the caller
+    should tell the user."""
+    model, weights_tokenizer = load_pretrained(spec, dropout=dropout, block_size=block_size)
+    if weights_tokenizer is not None and not same_tokenizer(weights_tokenizer, tokenizer_meta):
+        raise ValueError(
+            f"the weights were trained with the {describe_tokenizer(weights_tokenizer)} tokenizer but {data} was "
+            f"prepared with the {describe_tokenizer(tokenizer_meta)} one; prepare the data with the weights' "
+            f"tokenizer ({weights_tokenizer.get('name')}) under another name"
+        )
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"the weights know {model.config.vocab_size} tokens but {data} uses {vocab_size}")
+    notes = [] if weights_tokenizer is not None else [
+        f"the weights do not say which tokenizer they were trained with; make sure it is "
+        f"{describe_tokenizer(tokenizer_meta)}, as {data} was prepared with"]
+    return model, notes
 
 
 def _load_any(path: Path) -> tuple[GPT, dict | None]:
@@ -305,7 +327,7 @@ def export_hf(model: torch.nn.Module, directory: str | Path, tokenizer_meta: dic
     """Write ``model`` as a Hugging Face GPT-2 directory (config.json + model.safetensors) that
     ``transformers.GPT2LMHeadModel.from_pretrained`` loads. A model without biases gets zero
     biases (the same function). Our tokenizer meta is kept in config.json for ``load_pretrained``."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     if not isinstance(model, GPT):
         raise ValueError(f"only a GPT exports to the GPT-2 layout, got {type(model).__name__}")
     c = model.config

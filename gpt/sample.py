@@ -12,14 +12,14 @@ after another. Each sample is printed with its prompt, then a line of dashes.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import torch
 
+from gpt.config import parse_bool
 from gpt.device import pick_device
-from gpt.generate import generate_text
+from gpt.generate import check_sampling, generate_text
 from gpt.io import find_model_dir, load_model
 from gpt.pretrained import load_pretrained
 from gpt.tokenizer import TokenizerUnavailableError, start_tokens, tokenizer_from_meta
@@ -28,11 +28,10 @@ SEPARATOR = "---------------"
 
 
 def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    try:
+        return parse_bool(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _unescape(text: str) -> str:
@@ -41,17 +40,9 @@ def _unescape(text: str) -> str:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse what would sample nonsense, before anything is loaded or printed."""
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    """Refuse what would sample nonsense, before anything is loaded or printed: generate's own
+    checks, with the settings named as flags."""
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples, flag="--")
 
 
 def main(argv: list[str] | None = None) -> int:

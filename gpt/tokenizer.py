@@ -192,3 +192,16 @@ def start_tokens(tokenizer: CharTokenizer | GPT2Tokenizer) -> list[int]:
     if isinstance(tokenizer, GPT2Tokenizer):
         return [tokenizer.eot_token]
     return [tokenizer.stoi["\n"] if "\n" in tokenizer.stoi else 0]
+
+
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two tokenizer metas (``to_meta()``) encode text alike."""
+    if a.get("name") != b.get("name"):
+        return False
+    if a.get("name") == "char":
+        return a.get("chars") == b.get("chars")
+    return a.get("encoding", a.get("name")) == b.get("encoding", b.get("name"))
+
+
+def describe_tokenizer(meta: dict[str, Any]) -> str:
+    return f"{meta.get('name')} ({meta.get('vocab_size')} tokens)"

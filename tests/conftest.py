@@ -49,3 +49,14 @@ def data_dir(tmp_path_factory, request) -> Path:
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread in this process for a module's tests (``pytest.mark.usefixtures``): the
+    models are tiny, and on a busy machine a second thread that spins waiting for a core makes a
+    step ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

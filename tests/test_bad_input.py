@@ -26,16 +26,7 @@ import torch
 
 import kernels
 from gpt.sample import main as sample_main
-from tests.test_faults import (
-    config,
-    end_session,
-    flags,
-    one_thread,  # noqa: F401  (autouse: one thread, as there)
-    read_until,
-    run,
-    start,
-    torchrun_cmd,
-)
+from tests.helpers import REPO, config, end_session, flags, read_metrics, read_until, run, start, torchrun_cmd
 from train import checkpoint
 from train.__main__ import main as train_main
 from train.config import TrainConfig
@@ -43,7 +34,7 @@ from train.data import DataError, ensure_prepared, prepare
 from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, LOCK_FILE, MAX_SKIPPED_IN_A_ROW
 from train.loop import train
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quiet(*_: object) -> None:
@@ -80,6 +71,9 @@ def bad_inputs(data_dir, tmp_path_factory) -> dict[str, Path]:
     (root / "locked").mkdir()
     (root / "locked" / LOCK_FILE).write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))
     (root / "a_file").write_text("not a folder")
+    (root / "wrong_type.toml").write_text("n_layer = 'four'\n")
+    (root / "typo.toml").write_text("lerning_rate = 1e-3\n")
+    (root / "invalid.toml").write_text("n_layer = \n")
     return dict(root=root, data=data_dir)
 
 
@@ -97,7 +91,17 @@ def _sys_is_writable() -> bool:
 BAD_INPUT = [  # (name, flags, what stderr must say); {root} and {data} are filled in
     ("unknown key", ["--n_layers=2"], "unknown config key 'n_layers' in the command line; did you mean 'n_layer'?"),
     ("mistyped value", ["--batch_size=big"], "--batch_size expects int, got 'big'"),
+    ("mistyped bool", ["--compile=maybe"], "--compile expects bool, got 'maybe'"),
+    ("stray argument", ["stray"], "unexpected argument 'stray'; expected --key=value (see --help)"),
+    # config files
+    ("missing config file", ["--config", "{root}/missing.toml"], "config file {root}/missing.toml not found"),
+    ("config file not TOML", ["--config", "{root}/invalid.toml"], "config file {root}/invalid.toml is not valid TOML"),
+    ("mistyped value in a config file", ["--config", "{root}/wrong_type.toml"],
+     "n_layer expects int, got 'four' (str)"),
+    ("unknown key in a config file", ["--config", "{root}/typo.toml"],
+     "unknown config key 'lerning_rate' in {root}/typo.toml; did you mean 'learning_rate'?"),
     ("zero size", ["--n_embd=0"], "n_embd must be >= 1"),
+    ("zero batch", ["--batch_size=0"], "batch_size must be >= 1, got 0"),
     ("negative size", ["--max_iters=-5"], "max_iters must be >= 0"),
     ("heads do not divide", ["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
     ("block larger than data", ["--dataset=tiny", "--block_size=64"], "too few for block_size 64"),
@@ -139,12 +143,9 @@ BAD_INPUT = [  # (name, flags, what stderr must say); {root} and {data} are fill
     ("resume with another dataset", ["--out_dir={root}/finished", "--resume", "--dataset=tiny"],
      "changes dataset 'shakespeare_char' -> 'tiny' (the training data)"),
     # numbers that compare as nothing, or mean nothing
-    ("NaN learning rate", ["--learning_rate=nan"], "learning_rate must be a finite number, got nan"),
-    ("infinite learning rate", ["--learning_rate=inf"], "learning_rate must be a finite number, got inf"),
-    ("NaN min_lr", ["--min_lr=nan"], "min_lr must be a finite number, got nan"),
-    ("NaN weight decay", ["--weight_decay=nan"], "weight_decay must be a finite number, got nan"),
-    ("NaN grad clip", ["--grad_clip=nan"], "grad_clip must be a finite number, got nan"),
-    ("NaN dropout", ["--dropout=nan"], "dropout must be a finite number, got nan"),
+    *[(f"NaN {key}", [f"--{key}=nan"], f"{key} must be a finite number, got nan")
+      for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "dropout")],
+    ("infinite learning_rate", ["--learning_rate=inf"], "learning_rate must be a finite number, got inf"),
     ("negative seed", ["--seed=-1"], "seed must be from 0 to 4294967295, got -1"),
     ("seed too large", ["--seed=4294967296"], "seed must be from 0 to 4294967295, got 4294967296"),
     # out_dir that cannot be written
@@ -166,33 +167,42 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
     return files
 
 
-@pytest.mark.parametrize("name", [row[0] for row in BAD_INPUT])
-def test_bad_input_is_one_clear_line_and_changes_nothing(bad_inputs, name, capsys):
-    if name == "no cuda here" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def bad_command(bad_inputs: dict[str, Path], name: str) -> tuple[list[str], str]:
+    """The command line of the table's row ``name`` (the tiny run's flags, those the row sets
+    replaced, in a fresh out folder) and what stderr must say."""
     _, args, message = next(row for row in BAD_INPUT if row[0] == name)
-    if any("/sys" in a for a in args) and _sys_is_writable():
-        pytest.skip("/sys is writable here: no unwritable folder to test with")
     fill = dict(root=bad_inputs["root"], data=bad_inputs["data"])
     args = [a.format(**fill) for a in args]
     defaults = flags(bad_inputs["data"], bad_inputs["root"] / "out" / name.replace(" ", "_"), max_iters=2)
     keys = {a.split("=")[0] for a in args}
+    return [*[f for f in defaults if f.split("=")[0] not in keys], *args], message.format(**fill)
+
+
+@pytest.mark.parametrize("name", [row[0] for row in BAD_INPUT])
+def test_bad_input_is_one_clear_line_and_changes_nothing(bad_inputs, name, capsys):
+    if name == "no cuda here" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args, message = bad_command(bad_inputs, name)
+    if any("/sys" in a for a in args) and _sys_is_writable():
+        pytest.skip("/sys is writable here: no unwritable folder to test with")
     before = snapshot(bad_inputs["data"], bad_inputs["root"])
     capsys.readouterr()
-    code = train_main([*[f for f in defaults if f.split("=")[0] not in keys], *args])
+    code = train_main(args)
     _, err = capsys.readouterr()
     assert code == 2, err[-2000:]
     assert err.startswith("error: ") and err.count("\n") == 1, err[-2000:]
-    assert message.format(**fill) in err
+    assert message in err
     assert snapshot(bad_inputs["data"], bad_inputs["root"]) == before, "the failed run changed data or a run"
 
 
-def test_the_command_line_itself_says_one_line(bad_inputs):
-    """One row through a real ``python -m train`` process: exit 2, one line, no traceback."""
-    out = bad_inputs["root"] / "out" / "subprocess"
-    done = subprocess.run([sys.executable, "-m", "train", *flags(bad_inputs["data"], out), "--learning_rate=nan"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 2 and done.stderr == "error: learning_rate must be a finite number, got nan\n"
+# a few rows through a real ``python -m train`` process (an unknown flag, a missing file, a bad
+# value): exit 2, their whole message as the one line on stderr, so no traceback
+@pytest.mark.parametrize("name", ["unknown key", "missing config file", "NaN learning_rate"])
+def test_the_command_line_itself_says_one_line(bad_inputs, name):
+    args, message = bad_command(bad_inputs, name)
+    done = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr == f"error: {message}\n", done.stderr[-3000:]
 
 
 # --- datasets ---------------------------------------------------------------------------------
@@ -277,11 +287,10 @@ def test_a_run_resumed_at_its_end_still_ends_with_an_evaluation(data_dir, tmp_pa
     recorded for it), a resumed run evaluates before it ends."""
     assert train_main(flags(data_dir, tmp_path, max_iters=2, eval_interval=2)) == 0
     metrics = tmp_path / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if not ("val_loss" in r and r["step"] == 2)))
     assert train_main([*flags(data_dir, tmp_path, max_iters=2, eval_interval=2), "--resume"]) == 0
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2]
+    assert [r["step"] for r in read_metrics(tmp_path) if "val_loss" in r] == [0, 2]
 
 
 def test_a_bad_gpt_kernels_is_refused_before_anything_is_replaced(data_dir, tmp_path, monkeypatch, capsys):
@@ -386,6 +395,7 @@ def test_an_unsafe_state_file_is_a_damaged_checkpoint(data_dir, tmp_path, capsys
     assert "weights_only=False" not in out and not marker.exists()  # refused, and nothing in it ran
 
 
+@pytest.mark.distributed
 def test_ddp_ranks_fall_back_together_from_an_unloadable_checkpoint(data_dir, tmp_path):
     """Two ranks: the newest checkpoint's state.pt passes its manifest but cannot be loaded; both
     ranks fall back to the previous checkpoint together (no rank left waiting in a collective)."""
@@ -405,8 +415,7 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(data_dir, tmp_path, capsys):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 2.')  # a crash or a full disk in the middle of a line
     assert train_main([*flags(data_dir, tmp_path, max_iters=3, eval_interval=3), "--resume"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1, 2, 3]  # the torn line is gone
 
 
 def test_a_corpus_without_a_newline_trains_and_samples(tmp_path, capsys):

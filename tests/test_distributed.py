@@ -12,7 +12,6 @@ import functools
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import helpers
+from tests.helpers import REPO, TINY, logs_and_evals, torchrun_cmd
 from train.config import ConfigError, TrainConfig
 from train.data import load_tokens
+from train.deepspeed_config import deepspeed_config
+from train.distributed import free_port, per_rank_accum
 from train.loop import Trainer, train
 from train.sampler import BatchSampler
-from train.strategy import deepspeed_config, per_rank_accum
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @functools.cache
@@ -46,34 +46,22 @@ def require_deepspeed() -> None:
         pytest.skip(error)
 
 
-# batch_size is one rank's micro-batch; gradient_accumulation_steps the total over all ranks
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, gradient_accumulation_steps=2,
-            learning_rate=3e-3, min_lr=3e-4, warmup_iters=3, max_iters=8, lr_decay_iters=8, eval_interval=4,
-            eval_iters=3, log_interval=1, num_samples=1, sample_tokens=8, progress=False, device="cpu",
-            dtype="fp32")
+# the helpers' TINY (batch_size: one rank's micro-batch) over 8 steps, evaluated and sampled
+DIST_TINY = {**TINY, "max_iters": 8, "lr_decay_iters": 8, "eval_interval": 4, "eval_iters": 3, "num_samples": 1,
+             "sample_tokens": 8}
+flags = functools.partial(helpers.flags, base=DIST_TINY)
+config = functools.partial(helpers.config, base=DIST_TINY)
 
 
-def flags(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
-    values = {**TINY, "data_dir": data_dir, "out_dir": out_dir, **overrides}
-    return [f"--{key}={value}" for key, value in values.items()]
-
-
-def torchrun(args: list[str], nproc: int = 2, launcher: tuple[str, ...] = ("--standalone",),
-             timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", "-m", "train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*torchrun_cmd(), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
-def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
-
-
 def assert_same_losses(out_dir: Path, reference: Path, tol: float = 1e-5) -> None:
-    (logs, evals), (ref_logs, ref_evals) = read_metrics(out_dir), read_metrics(reference)
-    assert [r["step"] for r in logs] == [r["step"] for r in ref_logs] == list(range(1, TINY["max_iters"] + 1))
+    (logs, evals), (ref_logs, ref_evals) = logs_and_evals(out_dir), logs_and_evals(reference)
+    assert [r["step"] for r in logs] == [r["step"] for r in ref_logs] == list(range(1, DIST_TINY["max_iters"] + 1))
     assert [r["step"] for r in evals] == [r["step"] for r in ref_evals]
     for got, want in zip(logs, ref_logs, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], abs=tol), (got, want)
@@ -87,7 +75,7 @@ def assert_same_losses(out_dir: Path, reference: Path, tol: float = 1e-5) -> Non
 def single_run(data_dir, tmp_path_factory) -> Path:
     """The reference: one process, 2 accumulation steps of 4 sequences."""
     out = tmp_path_factory.mktemp("single")
-    train(TrainConfig(**{**TINY, "data_dir": str(data_dir), "out_dir": str(out)}), log=lambda *_: None)
+    train(config(data_dir, out), log=lambda *_: None)
     return out
 
 
@@ -111,6 +99,7 @@ def deepspeed_run(data_dir, tmp_path_factory):
     return run
 
 
+@pytest.mark.distributed
 def test_ddp_gives_the_same_losses_as_one_process(single_run, ddp_run):
     out, stdout = ddp_run
     assert_same_losses(out, single_run)
@@ -121,6 +110,7 @@ def test_ddp_gives_the_same_losses_as_one_process(single_run, ddp_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000004", "step_0000008"]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_zero_gives_the_same_losses_as_one_process(deepspeed_run, single_run, stage):
     require_deepspeed()
@@ -133,12 +123,14 @@ def test_deepspeed_zero_gives_the_same_losses_as_one_process(deepspeed_run, sing
         assert len(list((ckpt / "deepspeed").glob("*optim_states.pt"))) == 2  # one optimizer shard per rank
 
 
+@pytest.mark.distributed
 def test_ddp_resume_continues_like_an_uninterrupted_run(data_dir, tmp_path, ddp_run):
     torchrun(flags(data_dir, tmp_path, max_iters=4))
     torchrun(flags(data_dir, tmp_path, resume=True))
     assert_same_losses(tmp_path, ddp_run[0], tol=0.0)
 
 
+@pytest.mark.distributed
 def test_deepspeed_resume_continues_like_an_uninterrupted_run(data_dir, tmp_path, deepspeed_run):
     require_deepspeed()
     full = deepspeed_run(3)
@@ -148,15 +140,10 @@ def test_deepspeed_resume_continues_like_an_uninterrupted_run(data_dir, tmp_path
     assert_same_losses(tmp_path, full, tol=0.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.distributed
 def test_two_node_launch_on_one_machine(data_dir, tmp_path, single_run):
     """Two torchrun 'nodes' of one process each, meeting at 127.0.0.1: the multi-node command."""
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
@@ -183,12 +170,13 @@ cfg = load_config(*parse_args(sys.argv[2:]))
 strategy = make_strategy(cfg)
 sampler = Trainer(cfg, log=lambda *_: None, strategy=strategy).sampler
 offsets = [[sampler.offsets(step, m).tolist() for m in range(sampler.accum_steps)] for step in range(6)]
-with open(f"{sys.argv[1]}/rank{strategy.rank}.json", "w") as f:
+with open(f"{sys.argv[1]}/rank{strategy.group.rank}.json", "w") as f:
     json.dump(dict(rank=sampler.rank, world_size=sampler.world_size, offsets=offsets), f)
 strategy.teardown()
 """
 
 
+@pytest.mark.distributed
 def test_ranks_never_read_the_same_window_in_a_step(data_dir, tmp_path):
     """Asks each rank's Trainer (as the strategy set it up) which windows it would read."""
     probe = tmp_path / "probe.py"
@@ -202,25 +190,26 @@ def test_ranks_never_read_the_same_window_in_a_step(data_dir, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
     tokens = load_tokens(data_dir / "shakespeare_char", "train")
-    one_process = BatchSampler(tokens, TINY["block_size"], TINY["batch_size"], accum_steps=4, seed=1337)
+    one_process = BatchSampler(tokens, DIST_TINY["block_size"], DIST_TINY["batch_size"], accum_steps=4, seed=1337)
     for step in range(6):
         windows = [w for r in ranks for micro in r["offsets"][step] for w in micro]
         assert len(windows) == 2 * 2 * 4 and len(set(windows)) == len(windows)  # no window twice
         assert set(windows) == set(one_process.step_offsets(step).ravel().tolist())  # the same global batch
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_bf16_trains_on_the_cpu(data_dir, tmp_path, strategy):
     if strategy == "deepspeed":
         require_deepspeed()
     torchrun(flags(data_dir, tmp_path, dtype="bf16", strategy=strategy, zero_stage=2, num_samples=0))
-    logs, evals = read_metrics(tmp_path)
+    logs, evals = logs_and_evals(tmp_path)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2
 
 
 def test_fp16_skips_a_step_with_inf_gradients(data_dir, tmp_path):
-    cfg = TrainConfig(**{**TINY, "data_dir": str(data_dir), "out_dir": str(tmp_path), "dtype": "fp16"})
+    cfg = config(data_dir, tmp_path, dtype="fp16")
     trainer = Trainer(cfg, log=lambda *_: None)
     scale = trainer.scaler.get_scale()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -267,7 +256,7 @@ def test_deepspeed_config_file_is_merged_and_checked():
 
 
 def test_unreadable_or_invalid_deepspeed_config_is_refused_clearly(tmp_path):
-    from train.strategy import read_user_config
+    from train.deepspeed_config import read_user_config
 
     with pytest.raises(ConfigError, match="cannot read it"):
         read_user_config(str(tmp_path / "missing.json"))

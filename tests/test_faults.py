@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,81 +30,14 @@ import torch
 
 from gpt.io import save_model
 from gpt.model import build_model
+from tests.helpers import REPO, TINY, config, end_session, flags, read_metrics, read_until, run, start, torchrun_cmd
 from train import checkpoint
 from train.config import ConfigError, TrainConfig
 from train.data import load_meta
 from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, LOCK_FILE, RunLock
 from train.loop import Trainer, train
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, gradient_accumulation_steps=2,
-            learning_rate=3e-3, min_lr=3e-4, warmup_iters=3, eval_iters=2, log_interval=1, progress=False,
-            num_samples=0, device="cpu", dtype="fp32")
-
-
-def flags(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
-    return [f"--{k}={v}" for k, v in {**TINY, "data_dir": data_dir, "out_dir": out_dir, **overrides}.items()]
-
-
-def config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
-    return TrainConfig(**{**TINY, "data_dir": str(data_dir), "out_dir": str(out_dir), **overrides})
-
-
-def torchrun_cmd(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra, "-m", "train"]
-
-
-# one thread per process: the models are tiny, and on a busy machine a second thread that
-# spins waiting for a core makes a step ten times slower (torchrun sets this for its workers)
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(cmd: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    """``cmd`` in a session of its own, so that a timeout ends torchrun's workers too."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ONE_THREAD, **(env or {})}, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        end_session(proc)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-
-
-def start(cmd: list[str]) -> subprocess.Popen:
-    """A run whose output (stdout and stderr together) can be read line by line while it trains."""
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-
-
-def end_session(proc: subprocess.Popen) -> None:
-    """Kill whatever is left of the session ``proc`` leads (nothing, when it ended well)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def read_until(proc: subprocess.Popen, marker: str, timeout: float = 120) -> str:
-    seen, deadline = [], time.monotonic() + timeout
-    for line in proc.stdout:
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
-        assert time.monotonic() < deadline, "".join(seen)[-3000:]
-    raise AssertionError(f"{marker!r} never appeared:\n" + "".join(seen)[-3000:])
-
-
-def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -145,10 +77,11 @@ def test_a_stop_signal_checkpoints_and_resume_continues(data_dir, tmp_path, sign
                                                             eval_interval=10_000), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / f'step_{step:07d}'} at step {step}" in resumed.stdout
-    steps = [r["step"] for r in metrics(tmp_path) if "loss" in r]
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
     assert steps == list(range(1, step + 3))  # no step twice, none missing
 
 
+@pytest.mark.distributed
 def test_ddp_ranks_agree_to_stop_when_one_rank_gets_sigterm(data_dir, tmp_path):
     proc = start([*torchrun_cmd(), *flags(data_dir, tmp_path, max_iters=10_000, eval_interval=10_000)])
     try:
@@ -167,6 +100,7 @@ def test_ddp_ranks_agree_to_stop_when_one_rank_gets_sigterm(data_dir, tmp_path):
 # --- elastic restart ---
 
 
+@pytest.mark.distributed
 def test_elastic_restart_after_a_rank_is_killed_matches_an_uninterrupted_run(data_dir, tmp_path):
     common = dict(max_iters=8, lr_decay_iters=8, eval_interval=4, dropout=0.1)
     full, crashed = tmp_path / "full", tmp_path / "crashed"
@@ -179,7 +113,7 @@ def test_elastic_restart_after_a_rank_is_killed_matches_an_uninterrupted_run(dat
     assert "torchelastic restart 1" in proc.stdout and "at step 4" in proc.stdout
     a, b = final_weights(full), final_weights(crashed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit, fp32 on the CPU
-    assert [r["step"] for r in metrics(crashed) if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in read_metrics(crashed) if "loss" in r] == list(range(1, 9))
 
 
 # --- checkpoints ---
@@ -251,7 +185,7 @@ def test_nan_policy_skip_leaves_the_weights_alone(data_dir, tmp_path, monkeypatc
     # the same through run(): the skip is in metrics.jsonl, and the count in every later log row
     train(config(data_dir, tmp_path, nan_policy="skip", max_iters=5, eval_interval=5, overwrite=True),
           log=lambda *_: None)
-    rows = metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert {"step": 3, "skipped": "non-finite loss or gradient norm", "skipped_steps": 1} in rows
     assert [r.get("skipped_steps") for r in rows if "loss" in r] == [None, None, 1, 1, 1]  # step 3 counts itself
     assert torch.isfinite(torch.tensor(rows[-1]["val_loss"]))
@@ -269,11 +203,12 @@ def test_nan_policy_stop_checkpoints_the_last_good_step(data_dir, tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+@pytest.mark.distributed
 def test_ddp_ranks_agree_to_skip_a_nan_on_one_rank(data_dir, tmp_path):
     proc = run([*torchrun_cmd(), *flags(data_dir, tmp_path, max_iters=5, eval_interval=5, nan_policy="skip")],
                env=dict(GPT_FAULT_NAN_AT_STEP="3", GPT_FAULT_RANK="1"), timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows = metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows if "skipped" in r] == [3]
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path).values())
 

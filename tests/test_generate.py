@@ -3,13 +3,15 @@ sequences, seeds, batches, streaming text."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import kernels
 from gpt.config import GPTConfig
-from gpt.generate import _held_back, generate, generate_text, generate_tokens, pick_next
-from gpt.model import GPT, BigramLanguageModel, KVCache
+from gpt.generate import _held_back, check_sampling, generate, generate_text, generate_tokens, pick_next
+from gpt.model import GPT, BigramLanguageModel, KVCache, unwrap
 from gpt.tokenizer import CharTokenizer
 
 SMALL = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32)
@@ -207,6 +209,22 @@ def test_bad_arguments_are_refused_before_the_first_token_is_asked_for():
     for temperature in (-1.0, float("nan"), float("inf")):  # NaN would pass a plain comparison
         with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
             generate_tokens(model, torch.zeros(1, 1, dtype=torch.long), 5, temperature=temperature)  # no next()
+    # one set of checks serves the library and python -m gpt.sample (which names them as flags)
+    for setting, message in ((dict(top_k=0), "top_k must be >= 1, got 0"),
+                             (dict(top_p=float("nan")), "top_p must be in (0, 1], got nan"),
+                             (dict(max_new_tokens=-1), "max_new_tokens must be >= 0, got -1"),
+                             (dict(num_samples=0), "num_samples must be >= 1, got 0")):  # fmt: skip
+        with pytest.raises(ValueError, match="^" + re.escape("--" + message)):
+            check_sampling(**setting, flag="--")
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        generate_tokens(model, torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0, top_k=0)  # even greedy
+
+
+def test_unwrap_returns_the_module_a_compiled_model_wraps():
+    model = small_gpt()
+    wrapper = torch.nn.Module()
+    wrapper._orig_mod = model  # what torch.compile's OptimizedModule holds, without compiling
+    assert unwrap(wrapper) is model and unwrap(model) is model
 
 
 def test_decoding_runs_in_inference_mode_except_under_deepspeed_zero3():

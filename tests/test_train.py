@@ -1,32 +1,26 @@
 """Training end to end on the CPU: the loss falls, resume is exact, outputs are written,
-checkpoints are atomic and verified, and bad configuration is refused clearly."""
+checkpoints are atomic and verified, and configuration layers (bad configuration: test_bad_input.py)."""
 
 from __future__ import annotations
 
-import json
+import functools
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests import helpers
+from tests.helpers import REPO, TINY, read_metrics
 from train import checkpoint
 from train.config import ConfigError, TrainConfig, load_config, parse_args
-from train.loop import Trainer, lr_at, train
+from train.loop import Trainer, train
 from train.sampler import BatchSampler
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, learning_rate=3e-3, min_lr=3e-4,
-            warmup_iters=5, eval_iters=2, progress=False, num_samples=0, device="cpu", dtype="fp32")
-
-
-def config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
-    return TrainConfig(**{**TINY, "data_dir": str(data_dir), "out_dir": str(out_dir), **overrides})
-
-
-def read_metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+# the helpers' TINY with one micro-batch of 8, a longer warmup and the default log interval
+TRAIN_TINY = {**{k: v for k, v in TINY.items() if k not in ("gradient_accumulation_steps", "log_interval")},
+              "batch_size": 8, "warmup_iters": 5}
+config = functools.partial(helpers.config, base=TRAIN_TINY)
 
 
 def test_short_run_lowers_the_loss_and_writes_its_outputs(data_dir, tmp_path):
@@ -87,11 +81,11 @@ def test_mixed_precision_trains_on_the_cpu(data_dir, tmp_path, dtype):
 
 def test_lr_schedule():
     cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
-    assert lr_at(0, cfg) == pytest.approx(1 / 11)
-    assert lr_at(10, cfg) == pytest.approx(1.0)
-    assert lr_at(60, cfg) == pytest.approx(0.55)
-    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
-    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
+    assert cfg.lr_at(0) == pytest.approx(1 / 11)
+    assert cfg.lr_at(10) == pytest.approx(1.0)
+    assert cfg.lr_at(60) == pytest.approx(0.55)
+    assert cfg.lr_at(110) == pytest.approx(0.1) and cfg.lr_at(500) == pytest.approx(0.1)
+    assert all(cfg.lr_at(s) >= cfg.lr_at(s + 1) for s in range(10, 120))
 
 
 def test_a_fresh_run_will_not_silently_replace_checkpoints(data_dir, tmp_path):
@@ -149,45 +143,6 @@ def test_config_layers_and_overrides(tmp_path):
     path, overrides = parse_args(["--config", str(toml), "--n_layer=5", "--compile", "--dropout", "0.1"])
     cfg = load_config(path, overrides)
     assert (cfg.n_layer, cfg.learning_rate, cfg.dataset, cfg.compile, cfg.dropout) == (5, 1.0, "x", True, 0.1)
-
-
-@pytest.mark.parametrize(
-    ("toml", "args", "match"),
-    [
-        ("", ["--n_layers=3"], "unknown config key 'n_layers'.*did you mean 'n_layer'"),
-        ("", ["--batch_size=big"], "--batch_size expects int"),
-        ("", ["--compile=maybe"], "--compile expects bool"),
-        ("", ["--batch_size=0"], "batch_size must be >= 1"),
-        ("", ["--n_embd=100", "--n_head=3"], "divisible by n_head"),
-        ("", ["--dtype=fp8"], "dtype must be one of"),
-        ("n_layer = 'four'\n", [], "n_layer expects int"),
-        ("lerning_rate = 1e-3\n", [], "unknown config key 'lerning_rate'"),
-        ("n_layer = \n", [], "not valid TOML"),
-        ("", ["stray"], "unexpected argument 'stray'"),
-    ],
-)
-def test_bad_config_is_refused_clearly(tmp_path, toml, args, match):
-    path = None
-    if toml:
-        path = tmp_path / "bad.toml"
-        path.write_text(toml)
-    with pytest.raises(ConfigError, match=match):
-        load_config(*_merge(path, args))
-
-
-def _merge(path, args):
-    parsed_path, overrides = parse_args(args)
-    return path or parsed_path, overrides
-
-
-def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
-    for args in (["--n_layers=2"], ["--device=cuda"] if not torch.cuda.is_available() else ["--dtype=fp8"],
-                 ["--config", str(tmp_path / "missing.toml")]):
-        proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_cli_help_lists_every_key():

@@ -5,7 +5,7 @@
         state.pt                        optimizer, grad scaler, torch/CUDA RNG states (of every rank)
         deepspeed/                      DeepSpeed's own checkpoint (--strategy=deepspeed): shards per rank
         trainer.json                    step, config, numpy/python RNG states, best val loss
-        manifest.json                   written last: step, config hash, sha256 of every file
+        manifest.json                   written last: step, sha256 of every file
 
 A checkpoint is written into a temporary directory, each file fsynced, then renamed into
 place, so a crash leaves either the old set or the new one, never half a checkpoint. Loading
@@ -14,7 +14,6 @@ checks the manifest's hashes and falls back to the previous checkpoint when one 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -44,10 +43,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def rng_states() -> dict:
@@ -147,7 +142,7 @@ def _write(tmp: Path, step: int, model, optimizer, scaler, config: dict, tokeniz
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     for name in files:
         _fsync(tmp / name)
-    manifest = dict(step=step, config_hash=config_hash(config), files={n: _sha256(tmp / n) for n in files})
+    manifest = dict(step=step, files={n: _sha256(tmp / n) for n in files})
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     _fsync(tmp / MANIFEST)
 
@@ -159,6 +154,16 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def tidy(out_dir: str | Path, fresh: bool) -> None:
+    """Before a run starts (rank 0, holding the run's lock): a fresh run removes an earlier run's
+    checkpoints; temporary directories of writes that were killed go in any case."""
+    for old in list_checkpoints(out_dir) if fresh else []:
+        shutil.rmtree(old)
+    for pattern in (".tmp-*", ".old-*"):
+        for leftover in (Path(out_dir) / "checkpoints").glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def latest_valid(out_dir: str | Path, warn=print, before: Path | None = None) -> Path | None:
@@ -177,7 +182,6 @@ def latest_valid(out_dir: str | Path, warn=print, before: Path | None = None) ->
 
 @dataclass
 class Resumed:
-    step: int
     model: torch.nn.Module
     trainer: dict
     tensors: dict  # optimizer / scaler state dicts and RNG tensors, from state.pt
@@ -193,7 +197,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {directory}: its model cannot be loaded ({err})") from None
     trainer, tensors = load_training_state(directory)
-    return Resumed(step=trainer["step"], model=model, trainer=trainer, tensors=tensors)
+    return Resumed(model=model, trainer=trainer, tensors=tensors)
 
 
 def load_training_state(directory: str | Path) -> tuple[dict, dict]:

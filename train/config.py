@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from gpt.config import GPTConfig
+from gpt.config import MODELS, GPTConfig, parse_bool
 from train.data import BUILTIN_DATASETS, valid_dataset_name
 
 
@@ -32,6 +32,7 @@ def opt(default, help: str, choices: tuple = ()):
     return field(default=default, metadata=dict(help=help, choices=choices))
 
 
+MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # the rest are TrainConfig's
 SEED_LIMIT = 2**32  # numpy's seeds are 32-bit
 
 
@@ -43,14 +44,14 @@ class TrainConfig:
     data_dir: str = opt("data", "where datasets are prepared and kept")
     input: str = opt("", "a local UTF-8 text file to train on, prepared as its own dataset")
     tokenizer: str = opt("", "the tokenizer; empty: the dataset's default", ("", "char", "gpt2"))
-    # model (see gpt/config.py)
-    model: str = opt("gpt", "the Transformer, or the lecture's bigram baseline", ("gpt", "bigram"))
-    n_layer: int = opt(4, "Transformer blocks")
-    n_head: int = opt(4, "attention heads per block (must divide n_embd)")
-    n_embd: int = opt(128, "width of the residual stream")
-    block_size: int = opt(128, "context length in tokens")
-    dropout: float = opt(0.0, "dropout probability in [0, 1)")
-    bias: bool = opt(True, "biases in Linear layers and LayerNorms, as GPT-2")
+    # model: the fields of gpt.config.GPTConfig but vocab_size (the data's), with its defaults
+    model: str = opt(GPTConfig.model, "the Transformer, or the lecture's bigram baseline", MODELS)
+    n_layer: int = opt(GPTConfig.n_layer, "Transformer blocks")
+    n_head: int = opt(GPTConfig.n_head, "attention heads per block (must divide n_embd)")
+    n_embd: int = opt(GPTConfig.n_embd, "width of the residual stream")
+    block_size: int = opt(GPTConfig.block_size, "context length in tokens")
+    dropout: float = opt(GPTConfig.dropout, "dropout probability in [0, 1)")
+    bias: bool = opt(GPTConfig.bias, "biases in Linear layers and LayerNorms, as GPT-2")
     # optimisation: AdamW with linear warmup and cosine decay to min_lr
     batch_size: int = opt(32, "micro-batch of one rank, in sequences")
     gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step, over all ranks together "
@@ -146,9 +147,33 @@ class TrainConfig:
             raise ConfigError(str(err)) from None
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(model=self.model, vocab_size=vocab_size, block_size=self.block_size,
-                         n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                         dropout=self.dropout, bias=self.bias)
+        """The model these settings describe, for data of ``vocab_size`` tokens."""
+        return GPTConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in MODEL_FIELDS})
+
+    def with_model(self, model_config: GPTConfig) -> TrainConfig:
+        """These settings with the model's shape taken from ``model_config`` (pretrained weights)."""
+        return dataclasses.replace(self, **{name: getattr(model_config, name) for name in MODEL_FIELDS})
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step``: linear warmup to learning_rate, then cosine decay to
+        min_lr at lr_decay_iters (or max_iters)."""
+        if not self.decay_lr:
+            return self.learning_rate
+        if step < self.warmup_iters:
+            return self.learning_rate * (step + 1) / (self.warmup_iters + 1)
+        decay_iters = self.lr_decay_iters or self.max_iters
+        if step >= decay_iters:
+            return self.min_lr
+        progress = (step - self.warmup_iters) / max(1, decay_iters - self.warmup_iters)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.learning_rate - self.min_lr)
+
+    def model_changes(self, other: TrainConfig) -> list[tuple[str, object, object]]:
+        """(key, ours, other's) for each model field in which ``other`` differs."""
+        return [(k, getattr(self, k), getattr(other, k)) for k in MODEL_FIELDS if getattr(self, k) != getattr(other, k)]
+
+    def backends(self) -> dict[str, str]:
+        """The kernel backend of each op family (``kernels.use_backend``'s keywords)."""
+        return {"attention": self.attn_backend, "layer_norm": self.ln_backend}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,10 +197,7 @@ def _coerce(name: str, value: object, from_text: bool) -> object:
         text = value.strip()
         try:
             if t is bool:
-                lowered = text.lower()
-                if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return lowered in ("true", "1", "yes")
+                return parse_bool(text)
             if t is int:
                 return int(text)
             if t is float:

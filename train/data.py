@@ -145,12 +145,8 @@ def prepare(
     return folder
 
 
-def ensure_prepared(
-    dataset: str,
-    data_dir: str | Path = "data",
-    input_path: str | Path | None = None,
-    tokenizer: str | None = None,
-) -> Path:
+def ensure_prepared(dataset: str, data_dir: str | Path = "data", input_path: str | Path | None = None,
+                    tokenizer: str | None = None) -> Path:
     """Return ``<data_dir>/<dataset>``, preparing it first if train.bin, val.bin or meta.json is missing.
 
     An existing folder is checked against the request: a different tokenizer or a changed input

@@ -1,12 +1,15 @@
-"""Device, precision and the device's peak FLOP/s (for MFU)."""
+"""Device, precision, seeds, the kernel backends a device can run, and its peak FLOP/s (for MFU)."""
 
 from __future__ import annotations
 
 import contextlib
+import random
 
+import numpy as np
 import torch
 
 import gpt.device
+import kernels
 from train.config import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,3 +63,25 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
         return None
     half, tf32 = PEAK_FLOPS[max(matches, key=len)]  # the most specific name wins
     return tf32 if dtype == torch.float32 else half
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    """Seed torch, numpy and python; allow TF32 matmuls on CUDA (fp32 training, as nanoGPT)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def check_backends(choices: dict[str, str], device: torch.device) -> None:
+    """Each op's backend (``{"attention": "triton", ...}``; "auto": GPT_KERNELS if it names
+    one) can run on ``device``: checked at the start rather than at the first forward."""
+    for op, name in choices.items():
+        if name == "auto":
+            name = kernels.selected(op)
+        available = kernels.available_backends(op, device)
+        if name != "auto" and name not in available:
+            raise ConfigError(f"{op} backend {name!r} cannot run on {device.type} here; available: {available} "
+                              "(or auto)")

@@ -25,8 +25,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from gpt.config import GPTConfig
+from gpt.io import read_info
 from train import checkpoint
 from train.config import ConfigError, TrainConfig
+from train.distributed import ProcessGroup
 
 # key -> what changing it would change
 FIXED_ON_RESUME = {
@@ -122,8 +125,8 @@ def _same(key: str, old: object, new: object) -> bool:
 def _vocab_size(directory: Path) -> int | None:
     """The vocabulary of the checkpoint's model (fine-tuned weights may have a padded one)."""
     try:
-        return int(json.loads((directory / "model.json").read_text())["config"]["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_info(directory)["config"]["vocab_size"])
+    except (OSError, ValueError):
         return None
 
 
@@ -135,3 +138,41 @@ def check_same_run(cfg: TrainConfig, directory: Path, trainer_config: dict) -> N
               if k in trainer_config and not _same(k, trainer_config[k], getattr(cfg, k))]  # fmt: skip
     if differ:
         raise ConfigError(f"checkpoint {directory} is of another run: {'; '.join(differ)}")
+
+
+def checkpoint_to_resume(cfg: TrainConfig, group: ProcessGroup, log: Callable[[str], None],
+                         before: Path | None = None, problems: list[str] = ()) -> Path | None:
+    """The checkpoint this run continues from, or None for a fresh start. --resume=true needs
+    one; --resume=auto takes one if there is one, as does a torchelastic restart, so that the
+    first launch and every restart are the same command. ``before``: only checkpoints older
+    than it (it could not be loaded, for the reasons in ``problems``). Rank 0 verifies the
+    checkpoints (hashing every file once) and tells the others which to load."""
+    mode, out_dir = resume_mode(cfg), Path(cfg.out_dir)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart > 0 and cfg.resume == "false" and cfg.init_from != "resume" and before is None:
+        log(f"torchelastic restart {restart}: continuing from the newest good checkpoint, if any")
+    if mode == "false":
+        return None
+    problems = list(problems)
+
+    def report(problem: str) -> None:
+        problems.append(problem)
+        log(problem)
+
+    directory = checkpoint.latest_valid(out_dir, warn=report, before=before) if group.is_main else None
+    directory, problems = group.broadcast_object((directory, problems))
+    if directory is None and (mode == "true" or problems):
+        found = f": {'; '.join(problems)}" if problems else ""
+        raise ConfigError(f"--resume: no usable checkpoint in {out_dir / 'checkpoints'}{found}")
+    if directory is not None and problems:
+        log(f"falling back to {directory}, the newest usable checkpoint")
+    return directory
+
+
+def check_resumable(cfg: TrainConfig, model_config: GPTConfig, directory: Path) -> None:
+    """The checkpoint in ``directory`` holds a model of ``model_config``'s shape, of this run."""
+    saved = GPTConfig.from_dict(read_info(directory)["config"])
+    if saved != model_config:
+        raise ConfigError(f"checkpoint {directory} holds a model of shape {saved.to_dict()}, "
+                          f"but this run asks for {model_config.to_dict()}")
+    check_same_run(cfg, directory, json.loads((directory / "trainer.json").read_text())["config"])

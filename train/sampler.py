@@ -60,3 +60,14 @@ class BatchSampler:
         windows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]
+
+
+def make_samplers(train_tokens: np.ndarray, val_tokens: np.ndarray, batch_size: int, block_size: int,
+                  accum_steps: int, seed: int, rank: int = 0, world_size: int = 1) -> tuple[BatchSampler, dict]:
+    """Training's sampler (each rank its own slice of every step's global batch) and one per split
+    for evaluation, which reads fixed windows (its own seeds): every evaluation sees the same data."""
+    train = BatchSampler(train_tokens, block_size, batch_size, accum_steps, seed=seed, rank=rank,
+                         world_size=world_size)
+    evals = dict(train=BatchSampler(train_tokens, block_size, batch_size, seed=seed + 1),
+                 val=BatchSampler(val_tokens, block_size, batch_size, seed=seed + 2))
+    return train, evals

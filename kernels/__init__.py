@@ -19,7 +19,6 @@ from kernels.dispatch import (
     REGISTRY,
     BackendError,
     available_backends,
-    preload,
     resolve,
     selected,
     use_backend,
@@ -33,7 +32,6 @@ __all__ = [
     "attention",
     "available_backends",
     "layer_norm",
-    "preload",
     "selected",
     "use_backend",
 ]

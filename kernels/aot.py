@@ -10,14 +10,14 @@ spills, shared memory beyond the chip, no tensor-core ``wgmma`` on Hopper) show 
 laptop. Registers and spills come from ``cuobjdump -res-usage`` on the cubin (also in the
 wheel); dynamic shared memory from ``compiled.metadata.shared``.
 
-Every kernel module under ``kernels/triton`` exposes ``aot_specs() -> list[dict]``, one dict
-per configuration it may launch, with keys ``name`` (str), ``fn`` (the ``@triton.jit``
-function), ``signature`` (arg name -> triton type such as ``"*bf16"``, ``"i32"``, ``"fp32"``
-for every non-constexpr argument), ``constexprs`` (name -> value; may also pin an ordinary
-argument, e.g. a unit stride, as the JIT does at run time), ``num_warps`` and ``num_stages``;
-optionally ``divisible_by_16`` (integer argument names the JIT would see as multiples of 16,
-such as the row strides of contiguous tensors; pointers are always taken as 16-byte aligned)
-and ``default`` (False for configurations that only ``--all`` compiles; absent means True).
+``kernels/aot_specs.py`` lists what to compile, one dict per configuration a launcher may
+use, with keys ``name`` (str), ``fn`` (the ``@triton.jit`` function), ``signature`` (arg name ->
+triton type such as ``"*bf16"``, ``"i32"``, ``"fp32"`` for every non-constexpr argument),
+``constexprs`` (name -> value; may also pin an ordinary argument, e.g. a unit stride, as the JIT
+does at run time), ``num_warps`` and ``num_stages``; optionally ``divisible_by_16`` (integer
+argument names the JIT would see as multiples of 16, such as the row strides of contiguous
+tensors; pointers are always taken as 16-byte aligned) and ``default`` (False for
+configurations that only ``--all`` compiles; absent means True).
 
 Under ``TRITON_INTERPRET=1`` (the test suite on a machine without a GPU) ``@triton.jit``
 returns interpreter objects that cannot be compiled, so :func:`report` always compiles in
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import re
@@ -37,8 +36,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Modules whose kernels are compiled; a module that does not exist yet is skipped.
-KERNEL_MODULES = ("kernels.triton.attention", "kernels.triton.layer_norm")
 ARCHS = (80, 90)
 # Largest dynamic shared memory one block may use: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -77,18 +74,10 @@ def toolchain_missing() -> str | None:
 
 
 def collect_specs() -> list[dict]:
-    """Every spec of every kernel module present, in a stable order."""
-    specs = []
-    for module_name in KERNEL_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            if getattr(err, "name", None) == module_name:  # not written yet: skip
-                continue
-            raise
-        if hasattr(module, "aot_specs"):
-            specs.extend(module.aot_specs())
-    return specs
+    """Every spec of every kernel, in a stable order."""
+    from kernels.aot_specs import all_specs  # imports triton: only after toolchain_missing() said yes
+
+    return all_specs()
 
 
 def _jit_function(fn):

@@ -3,17 +3,21 @@
 Every op family ("attention", "layer_norm") has a set of named backends. A backend is a
 module that defines the op's functions (see ``OPS``) and, optionally,
 
-    unsupported(op: str, *tensors, **kwargs) -> str | None
+    unsupported(fn: str, *tensors, **kwargs) -> str | None
 
-which returns None when it can run that exact call, else one sentence saying why not.
+which returns None when it can run that call of its function ``fn`` (e.g. "add_layer_norm"),
+else one sentence saying why not.
 Modules are imported lazily, so a missing optional package (triton, flash_attn) only
 matters to the user who asks for that backend.
 
 Selection order for one call: the call's ``backend=``, then ``use_backend(...)``, then the
 environment variable ``GPT_KERNELS`` (e.g. ``attention=triton,layer_norm=torch``; read once,
-at the first kernel call), then ``auto``. A backend the user named that cannot run the call
-is an error, never a silent fallback; ``auto`` walks a preference list and takes the first
-backend that can.
+when this module is imported, and again by ``reload_env``), then ``auto``. A backend the user
+named that cannot run the call is an error, never a silent fallback; ``auto`` walks a
+preference list and takes the first backend that can.
+
+Resolving a call is memoised for eager calls (one-token decoding pays for it per layer);
+code that torch.compile traces resolves afresh, so its graph guards only on the selection.
 """
 
 from __future__ import annotations
@@ -98,26 +102,6 @@ def _why_not(module: ModuleType, op: str, fn: str, args: tuple, kwargs: dict) ->
     return check(fn, *args, **kwargs) if check is not None else None
 
 
-_env_choice: dict[str, str] | None = None  # GPT_KERNELS parsed, once
-
-
-def _parse_env() -> dict[str, str]:
-    """The choice in GPT_KERNELS, read at the first kernel call and kept: reading the
-    environment on every call cost ~5% of a one-token decoding step. ``reload_env``
-    re-reads it; within a process, ``use_backend`` is the way to switch."""
-    global _env_choice
-    if _env_choice is None:
-        _env_choice = _parse_env_text(os.environ.get(ENV_VAR, "").strip())
-    return _env_choice
-
-
-def reload_env() -> None:
-    """Read GPT_KERNELS again at the next kernel call (after changing ``os.environ``)."""
-    global _env_choice
-    _env_choice = None
-    _selection_changed()
-
-
 def _parse_env_text(raw: str) -> dict[str, str]:
     choice: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
@@ -133,6 +117,34 @@ def _parse_env_text(raw: str) -> dict[str, str]:
     return choice
 
 
+def _read_env() -> dict[str, str] | str:
+    """GPT_KERNELS parsed, or the sentence saying what is wrong with it (raised at selection)."""
+    try:
+        return _parse_env_text(os.environ.get(ENV_VAR, "").strip())
+    except BackendError as err:
+        return str(err)
+
+
+# The choice in GPT_KERNELS, read once, when this module is imported: reading the environment
+# on every call cost ~5% of a one-token decoding step, and reading it lazily inside code that
+# torch.compile traces would make the graph guard on (and recompile after) that first read.
+# ``reload_env`` re-reads it; within a process, ``use_backend`` is the way to switch.
+_env_choice: dict[str, str] | str = _read_env()
+
+
+def reload_env() -> None:
+    """Read GPT_KERNELS again (after changing ``os.environ``)."""
+    global _env_choice
+    _env_choice = _read_env()
+    _selection_changed()
+
+
+def _env() -> dict[str, str]:
+    if isinstance(_env_choice, str):
+        raise BackendError(_env_choice)
+    return _env_choice
+
+
 def selected(op: str, backend: str | None = None) -> str:
     """The backend name in force for ``op`` (may be "auto"), following the selection order."""
     if backend is not None:
@@ -141,7 +153,7 @@ def selected(op: str, backend: str | None = None) -> str:
     for choice in reversed(_overrides):
         if op in choice:
             return choice[op]
-    return _parse_env().get(op, "auto")
+    return _env().get(op, "auto")
 
 
 # (op, fn, the call's backend=, device type) -> the function that runs every such call,
@@ -149,6 +161,7 @@ def selected(op: str, backend: str | None = None) -> str:
 # one-token decoding step the selection and the walk below cost as much as the kernel itself.
 # Only answers that do not depend on the call's tensors are kept (no backend's ``unsupported``
 # had a say); a change of selection (use_backend, reload_env) empties it.
+# Eager calls only: code that torch.compile traces never reads or writes it (see ``resolve``).
 _resolved: dict[tuple[str, str, str | None, str], object] = {}
 _selection_epoch = 0  # bumped with every change of selection (see _selection_changed)
 
@@ -161,6 +174,12 @@ def _selection_changed() -> None:
 
 def resolve(op: str, fn: str, backend: str | None, args: tuple, kwargs: dict):
     """Return the function ``fn`` of the backend that will run this call."""
+    if torch.compiler.is_compiling():
+        # Traced code walks the selection afresh; the walk costs nothing at run time, and dynamo
+        # then guards on the selection itself (use_backend's choices, GPT_KERNELS), which stays
+        # put from step to step. Through the memo it would guard on a dict that the first call
+        # fills and every use_backend empties: a recompile each time.
+        return _resolve(op, fn, selected(op, backend), args, kwargs)[0]
     key = (op, fn, backend, args[0].device.type)
     found = _resolved.get(key)
     if found is None:
@@ -251,13 +270,6 @@ def _probe_args(op: str, device: torch.device) -> tuple[tuple, dict]:
         return (q, q, q), dict(causal=True, dropout_p=0.0, scale=0.125)
     x = torch.empty(1, 64, **meta)
     return (x, x[0], x[0]), dict(eps=1e-5)
-
-
-def preload(**choice: str) -> None:
-    """Import the backends that ``choice`` (default: the current selection) may run, before
-    ``torch.compile`` traces a call to them. ``use_backend`` does this for you."""
-    for op in REGISTRY:
-        _preload(op, choice.get(op) or selected(op))
 
 
 # The PyTorch backends are cheap to import and are what ``auto`` runs on the CPU.

@@ -10,7 +10,7 @@ import torch
 from flash_attn import flash_attn_func  # ImportError here tells the registry it is absent
 
 
-def unsupported(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_: object) -> str | None:
+def unsupported(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_: object) -> str | None:
     if q.device.type != "cuda":
         return f"flash_attn runs only on CUDA tensors, got {q.device}; use backend 'sdpa' or 'torch'"
     if q.dtype not in (torch.float16, torch.bfloat16):

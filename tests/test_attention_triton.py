@@ -1,4 +1,4 @@
-"""Parity of the ``triton`` attention backend (kernels/triton/attention.py) with a float64 reference.
+"""Parity of the ``triton`` attention backend (kernels/triton/attention*.py) with a float64 reference.
 
 Without a GPU the kernels run through Triton's interpreter (tests/conftest.py), which is slow,
 so the default run covers the grid with a small design (30 cases) in which every sequence
@@ -23,6 +23,7 @@ import torch
 import kernels
 from kernels import reference
 from kernels.triton import attention as triton_attention
+from kernels.triton import common, configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -35,7 +36,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(triton_attention, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
 def _inputs(B, H, T_q, T_k, D, dtype):
@@ -181,7 +182,7 @@ def test_other_tile_shapes(monkeypatch, blocks):
     """The diagonal/off-diagonal split must hold for any BLOCK_M, BLOCK_N (the GPU autotunes them)."""
     if ON_GPU:
         pytest.skip("tile shapes are chosen by the autotuner on a GPU")
-    monkeypatch.setattr(triton_attention, "INTERPRET_CONFIG", blocks)
+    monkeypatch.setattr(configs, "INTERPRET_CONFIG", blocks)
     _check(1, 2, 70, 70, 16, True, torch.float32)
     _check(1, 1, 23, 50, 16, True, torch.float32)
     _check(1, 1, 50, 23, 16, True, torch.float32)

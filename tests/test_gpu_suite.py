@@ -293,9 +293,9 @@ def test_autotune_winners_are_saved_and_reused(tmp_path, tuning):
 def test_only_candidate_runs_that_config_alone(tuning):
     import kernels
     from kernels import reference
-    from kernels.triton.attention import _configs
+    from kernels.triton.configs import attention_configs
 
-    candidates = [f"M{m} N{n} w{w} s{s}" for m, n, w, s in _configs("fwd", 16, True, False)[:2]]
+    candidates = [f"M{m} N{n} w{w} s{s}" for m, n, w, s in attention_configs("fwd", 16, True, False)[:2]]
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     expected = reference.attention(q, k, v, True, 0.0, 0.25)
     for index in (0, 1, 7):  # past the end of the list: its last config

@@ -3,6 +3,8 @@ PyTorch backends (torch, sdpa) against a float64 reference."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -213,3 +215,24 @@ def test_bad_env_var_is_a_clear_error(set_env):
     set_env("attention=cuda_magic")
     with pytest.raises(BackendError, match="unknown attention backend"):
         selected("attention")
+
+
+def test_compiled_calls_do_not_recompile_when_the_selection_stays_put():
+    """Dispatch must not make torch.compile recompile: a second call on the same shapes reuses
+    the graph, also when every call enters use_backend as a training loop might per step."""
+    from torch._dynamo.testing import CompileCounter
+
+    from gpt.config import GPTConfig
+    from gpt.model import build_model
+
+    model = build_model(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=11))
+    idx = torch.randint(0, 11, (2, 8))
+    for per_step in (contextlib.nullcontext, lambda: use_backend(attention="sdpa")):
+        torch._dynamo.reset()
+        counter = CompileCounter()  # compiles each frame once, then runs it eagerly
+        compiled = torch.compile(model, backend=counter)
+        for _ in range(2):
+            with per_step():
+                compiled(idx)
+        assert counter.frame_count == 1, f"{counter.frame_count} compiles of the model's forward, expected 1"
+    torch._dynamo.reset()

@@ -1,4 +1,4 @@
-"""Parity of the ``triton`` LayerNorm backend (kernels/triton/layer_norm.py) with a float64 reference.
+"""Parity of the ``triton`` LayerNorm backend (kernels/triton/layer_norm*.py) with a float64 reference.
 
 Without a GPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 Every case draws fresh random inputs, fills every buffer the kernels allocate with NaN first (so an
@@ -19,6 +19,8 @@ import kernels
 
 triton = pytest.importorskip("triton")
 ln = pytest.importorskip("kernels.triton.layer_norm")
+from kernels import aot_specs  # noqa: E402 -- after the importorskip: both import triton
+from kernels.triton import common, configs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 1), (3, 7), (2, 128, 512), (5, 123, 123), (4, 64, 1600), (2, 8, 4096), (1, 16384)]
@@ -31,7 +33,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 @pytest.fixture(autouse=True)
 def nan_poisoned_buffers(monkeypatch):
     """Every output and partial-sum buffer the kernels allocate starts as NaN."""
-    monkeypatch.setattr(ln, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
 def reference_layer_norm(x64, weight64, bias64, eps):
@@ -185,7 +187,7 @@ def run_fused_case(shape, dtype, affine, offset):
     # GPU rounds to nearest, so there a bf16 h may differ from torch's add in the last bit.)
     with torch.no_grad():
         assert torch.equal(y, kernels.layer_norm(h, weight, bias, backend="triton")), "y != layer_norm(h)"
-        if dtype == torch.bfloat16 and ln.INTERPRETING:
+        if dtype == torch.bfloat16 and ln.INTERPRET:
             check(h, (x + residual).double(), dtype, "h vs x + residual")
         else:
             assert torch.equal(h, x + residual), "h differs from x + residual"
@@ -254,7 +256,7 @@ def test_add_layer_norm_mixed_dtypes(x_dtype, residual_dtype):
 )
 def test_long_row_paths(shape, dtype):
     """Rows past PARAM_GRADS_IN_ROW_KERNEL_MAX (column-sum kernel) and past MAX_BLOCK_N (chunked)."""
-    assert shape[-1] > ln.PARAM_GRADS_IN_ROW_KERNEL_MAX
+    assert shape[-1] > configs.PARAM_GRADS_IN_ROW_KERNEL_MAX
     run_case(shape, dtype, (True, True), 1e3)
     run_fused_case(shape, dtype, (True, False), 0.0)
 
@@ -320,14 +322,14 @@ def test_bad_inputs_raise_value_error():
 
 
 def test_rows_too_long_is_a_backend_error():
-    x = torch.randn(2, ln.MAX_N + 1, device=DEVICE)
-    with pytest.raises(kernels.BackendError, match=str(ln.MAX_N)):
+    x = torch.randn(2, configs.MAX_N + 1, device=DEVICE)
+    with pytest.raises(kernels.BackendError, match=str(configs.MAX_N)):
         kernels.layer_norm(x, backend="triton")
-    assert ln.unsupported("layer_norm", torch.randn(2, ln.MAX_N, device=DEVICE), None, None, eps=1e-5) is None
+    assert ln.unsupported("layer_norm", torch.randn(2, configs.MAX_N, device=DEVICE), None, None, eps=1e-5) is None
 
 
 def test_cpu_without_interpreter_is_a_backend_error(monkeypatch):
-    monkeypatch.setattr(ln, "INTERPRETING", False)
+    monkeypatch.setattr(ln, "INTERPRET", False)
     x = torch.randn(2, 8)
     reason = ln.unsupported("layer_norm", x, None, None, eps=1e-5)
     assert reason is not None and "'torch'" in reason and "TRITON_INTERPRET" in reason
@@ -385,7 +387,7 @@ def test_torch_compile_fullgraph(compiler, monkeypatch, tmp_path):
 
 
 def test_aot_specs_cover_every_launch_config():
-    specs = ln.aot_specs()
+    specs = aot_specs.layer_norm_specs()
     names = [s["name"] for s in specs]
     assert len(names) == len(set(names))
     for spec in specs:
@@ -399,14 +401,14 @@ def test_aot_specs_cover_every_launch_config():
     assert {s["fn"] for s in specs if s["default"]} == {s["fn"] for s in specs}
     assert {"layer_norm_bwd_block_n1024_bf16_params_fp32", "layer_norm_fwd_long_rows_fp32_params_fp32"} <= defaults
     by_name = {s["name"]: s for s in specs}
-    for n in (1, 7, 123, 768, 1600, 4096, 5000, 8192, 16384, ln.MAX_N):
-        block_m, block_n, num_warps = ln._config(n)
+    for n in (1, 7, 123, 768, 1600, 4096, 5000, 8192, 16384, configs.MAX_N):
+        block_m, block_n, num_warps = configs.layer_norm_config(n)
         for kernel, ty in itertools.product(("fwd", "bwd"), ("fp32", "fp16", "bf16")):
-            if block_n <= ln.MAX_BLOCK_N:
+            if block_n <= configs.MAX_BLOCK_N:
                 spec = by_name[f"layer_norm_{kernel}_block_n{block_n}_{ty}_params_{ty}"]
                 assert (spec["constexprs"]["BLOCK_M"], spec["num_warps"]) == (block_m, num_warps)
             else:
                 assert f"layer_norm_{kernel}_long_rows_{ty}_params_{ty}" in by_name
-            assert f"layer_norm_{kernel}_block_n{min(block_n, ln.MAX_BLOCK_N)}_{ty}_params_fp32" in by_name
+            assert f"layer_norm_{kernel}_block_n{min(block_n, configs.MAX_BLOCK_N)}_{ty}_params_fp32" in by_name
     assert {"layer_norm_column_sums_fp32", "layer_norm_column_sums_bf16", "layer_norm_column_sums_fp16"} <= set(by_name)
     assert "layer_norm_fwd_block_n1024_bf16_residual_fp32_params_fp32" in by_name

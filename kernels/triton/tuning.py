@@ -30,7 +30,7 @@ from pathlib import Path
 
 import triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels.triton.common import INTERPRET
 
 _max_candidates: int | None = None  # None: every config of a list
 _only_index: int | None = None  # set: the index-th config of the (limited) list, alone

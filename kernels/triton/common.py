@@ -1,0 +1,41 @@
+"""What every Triton kernel module here needs around its kernels: whether Triton's interpreter
+runs them, how outputs are allocated (NaN-poisoned for parity tests), which CUDA device a
+launch goes to, and tensors laid out as the kernels read them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+# TRITON_INTERPRET=1 (set before triton is imported) runs every kernel on CPU tensors through
+# NumPy: the backends then accept CPU tensors, and bf16 tiles must be upcast before arithmetic.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Parity checks set this to fill every buffer the launchers allocate with NaN first, so an
+# element a kernel forgot to write fails the comparison instead of passing as whatever memory held.
+POISON_OUTPUTS = False
+
+
+def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous buffer that a kernel fills completely (NaN first under ``POISON_OUTPUTS``)."""
+    if POISON_OUTPUTS:
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s device the current one: Triton launches on the current CUDA device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """View t as (rows, N) with a unit column stride; copies only when no such view exists."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.contiguous() if t is not None else None

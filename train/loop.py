@@ -44,6 +44,10 @@ USER_ERRORS = (ConfigError, kernels.BackendError, DataError, checkpoint.Checkpoi
 
 
 class Trainer:
+    """One run: set up (data, model, strategy, resume), then ``run()`` trains to max_iters,
+    evaluating, logging and checkpointing at their intervals. ``train_step`` is one optimizer
+    step; the sections below follow the order a run goes through."""
+
     def __init__(self, cfg: TrainConfig, log=tqdm.write, strategy: Strategy | None = None):
         if strategy is None:  # train() does both before it builds the strategy
             cfg = resume_config(cfg, log)

@@ -1,6 +1,7 @@
 """The baseline our training step is measured against: a GPT written the way nanoGPT writes
 it, in plain PyTorch (``nn.LayerNorm``, ``F.scaled_dot_product_attention``, tanh-GELU MLP,
-tied embeddings), with none of our dispatch. Same shapes and parameter count as ``gpt.GPT``.
+tied embeddings, GPT-2's initialisation as nanoGPT applies it), with none of our dispatch.
+Same shapes and parameter count as ``gpt.GPT``.
 
 To measure against nanoGPT's own ``model.py`` instead, pass ``--nanogpt PATH`` (a checkout
 of github.com/karpathy/nanoGPT) to ``benchmarks/test_train_step.py``; see its docstring.
@@ -38,6 +39,14 @@ class BaselineGPT(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
+        # nanoGPT's (GPT-2's) initialisation. PyTorch's defaults would leave N(0, 1) embeddings tied
+        # to the output layer: huge logits that make every step about twice as slow on a CPU.
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 2:  # Linear and Embedding weights; the residual projections scaled by depth
+                std = 0.02 / (2 * n_layer) ** 0.5 if name.endswith(("attn_proj.weight", "mlp_proj.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))

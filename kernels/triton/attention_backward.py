@@ -39,7 +39,7 @@ def _attn_bwd_preprocess_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_ptrs, inside = _rows_ptrs(Out + b * stride_ob + h * stride_oh, offs_m, stride_ot, stride_od, T_Q, HEAD_DIM)
     do_ptrs, _ = _rows_ptrs(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, stride_dod, T_Q, HEAD_DIM)
-    o, do = _load_two(o_ptrs, inside, do_ptrs, inside, True, True)
+    o, do = _load_two(o_ptrs, do_ptrs, inside, True)
     tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < T_Q)
 
 
@@ -156,7 +156,7 @@ def _attn_bwd_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         k_ptrs, inside = _rows_ptrs(K + b * stride_kb + h * stride_kh, cols, stride_kt, stride_kd, T_K, HEAD_DIM)
         v_ptrs, _ = _rows_ptrs(V + b * stride_vb + h * stride_vh, cols, stride_vt, stride_vd, T_K, HEAD_DIM)
-        k, v = _load_two(k_ptrs, inside, v_ptrs, inside, True, UPCAST)
+        k, v = _load_two(k_ptrs, v_ptrs, inside, UPCAST)
         Q_head = Q + b * stride_qb + h * stride_qh
         DO_head = DO + b * stride_dob + h * stride_doh
         LSE_row = LSE + bh.to(tl.int64) * T_Q
@@ -185,7 +185,7 @@ def _attn_bwd_kernel(
         q_ptrs, inside = _rows_ptrs(Q + b * stride_qb + h * stride_qh, rows, stride_qt, stride_qd, T_Q, HEAD_DIM)
         DO_head = DO + b * stride_dob + h * stride_doh
         do_ptrs, _ = _rows_ptrs(DO_head, rows, stride_dot, stride_dod, T_Q, HEAD_DIM)
-        q, do = _load_two(q_ptrs, inside, do_ptrs, inside, True, UPCAST)
+        q, do = _load_two(q_ptrs, do_ptrs, inside, UPCAST)
         lse = tl.load(LSE + bh.to(tl.int64) * T_Q + rows, mask=rows < T_Q, other=float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * T_Q + rows, mask=rows < T_Q, other=0.0)
         K_head = K + b * stride_kb + h * stride_kh

@@ -39,16 +39,11 @@ def _rows_ptrs(head, rows, stride_t, stride_d, T, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _load_two(a_ptrs, a_inside, b_ptrs, b_inside, MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """Load two tiles, both issued before either is used (as the compiler's pipeliner expects);
-    with MASKED, elements outside read as 0 (without, the loads pipeline freely); with UPCAST,
-    as fp32."""
-    if MASKED:
-        a = tl.load(a_ptrs, mask=a_inside, other=0.0)
-        b = tl.load(b_ptrs, mask=b_inside, other=0.0)
-    else:
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
+def _load_two(a_ptrs, b_ptrs, inside, UPCAST: tl.constexpr):
+    """Load two tiles of the same rows, both issued before either is used (as the compiler's
+    pipeliner expects); rows outside read as 0; with UPCAST, as fp32."""
+    a = tl.load(a_ptrs, mask=inside, other=0.0)
+    b = tl.load(b_ptrs, mask=inside, other=0.0)
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)

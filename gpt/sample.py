@@ -15,14 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from gpt.config import parse_bool
-from gpt.device import pick_device
-from gpt.generate import check_sampling, generate_text
-from gpt.io import find_model_dir, load_model
-from gpt.pretrained import load_pretrained
-from gpt.tokenizer import TokenizerUnavailableError, start_tokens, tokenizer_from_meta
+from gpt.config import parse_bool  # torch and the model are imported once the arguments are read: --help is instant
 
 SEPARATOR = "---------------"
 
@@ -42,6 +35,8 @@ def _unescape(text: str) -> str:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse what would sample nonsense, before anything is loaded or printed: generate's own
     checks, with the settings named as flags."""
+    from gpt.generate import check_sampling
+
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples, flag="--")
 
 
@@ -64,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args(argv)
+    import torch
+
+    from gpt.device import pick_device
+    from gpt.generate import generate_text
+    from gpt.io import find_model_dir, load_model
+    from gpt.pretrained import load_pretrained
+    from gpt.tokenizer import TokenizerUnavailableError, start_tokens, tokenizer_from_meta
+
     try:
         check_args(args)
         device = pick_device(args.device)

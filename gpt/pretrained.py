@@ -265,6 +265,8 @@ def crop_block_size(model: GPT, block_size: int) -> None:
     if not 1 <= block_size <= model.config.block_size:
         raise ValueError(f"block_size must be in [1, {model.config.block_size}] to crop, got {block_size}")
     model.config = dataclasses.replace(model.config, block_size=block_size)
+    if model.config.rope:  # the angles of the first positions are the same: nothing to cut
+        return
     model.transformer.wpe.weight = torch.nn.Parameter(model.transformer.wpe.weight[:block_size].clone())
 
 
@@ -285,7 +287,8 @@ def load_nanogpt(path: str | Path) -> tuple[GPT, dict | None]:
         )
     args = dict(ckpt["model_args"])
     known = {f.name for f in dataclasses.fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in args.items() if k in known})
+    # nanoGPT's MLP uses the exact GELU (nn.GELU()), not GPT-2's tanh form
+    config = GPTConfig(**{"activation": "gelu", **{k: v for k, v in args.items() if k in known}})
     sd = {}
     for key, value in ckpt["model"].items():
         key = key.removeprefix("_orig_mod.")
@@ -323,6 +326,10 @@ def _nanogpt_tokenizer(path: Path, ckpt: dict, vocab_size: int) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 
 
+# the architecture options GPT-2's layout has no place for, with GPT-2's values
+GPT2_ONLY = dict(activation="gelu_tanh", rope=False, qk_norm=False, tie_embeddings=True)
+
+
 def export_hf(model: torch.nn.Module, directory: str | Path, tokenizer_meta: dict | None = None) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 directory (config.json + model.safetensors) that
     ``transformers.GPT2LMHeadModel.from_pretrained`` loads. A model without biases gets zero
@@ -331,6 +338,10 @@ def export_hf(model: torch.nn.Module, directory: str | Path, tokenizer_meta: dic
     if not isinstance(model, GPT):
         raise ValueError(f"only a GPT exports to the GPT-2 layout, got {type(model).__name__}")
     c = model.config
+    different = {k: getattr(c, k) for k in GPT2_ONLY if getattr(c, k) != GPT2_ONLY[k]}
+    if different:
+        raise ValueError("only GPT-2's architecture exports to its layout; this model has "
+                         + ", ".join(f"{k}={v}" for k, v in different.items()) + f" (GPT-2: {GPT2_ONLY})")
     tensors = {}
     for key, value in model.state_dict().items():
         if key == "lm_head.weight":

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from gpt.config import MODELS, GPTConfig, parse_bool
+from gpt.config import ACTIVATIONS, MODELS, GPTConfig, parse_bool
 from train.data import BUILTIN_DATASETS, valid_dataset_name
 
 
@@ -32,6 +32,7 @@ def opt(default, help: str, choices: tuple = ()):
     return field(default=default, metadata=dict(help=help, choices=choices))
 
 
+OPTIMIZERS = ("adamw", "muon")  # see train/optim.py
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # the rest are TrainConfig's
 SEED_LIMIT = 2**32  # numpy's seeds are 32-bit
 
@@ -52,11 +53,19 @@ class TrainConfig:
     block_size: int = opt(GPTConfig.block_size, "context length in tokens")
     dropout: float = opt(GPTConfig.dropout, "dropout probability in [0, 1)")
     bias: bool = opt(GPTConfig.bias, "biases in Linear layers and LayerNorms, as GPT-2")
+    activation: str = opt(GPTConfig.activation, "the MLP's nonlinearity: GPT-2's tanh GELU, the exact GELU "
+                          "(nanoGPT's), or ReLU squared", ACTIVATIONS)
+    rope: bool = opt(GPTConfig.rope, "rotary position embeddings instead of a learned position table")
+    qk_norm: bool = opt(GPTConfig.qk_norm, "RMS-normalise queries and keys per head")
+    tie_embeddings: bool = opt(GPTConfig.tie_embeddings, "the output layer shares the token embedding")
+    zero_init_proj: bool = opt(GPTConfig.zero_init_proj, "residual projections (and an untied head) start at 0")
     # optimisation: AdamW with linear warmup and cosine decay to min_lr
     batch_size: int = opt(32, "micro-batch of one rank, in sequences")
     gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step, over all ranks together "
                                               "(the global batch is the same on any number of ranks)")
     max_iters: int = opt(2000, "optimizer steps in all")
+    optimizer: str = opt("adamw", "adamw, or muon: Muon for the blocks' matrices and AdamW for the rest, "
+                         "at the same learning rate", OPTIMIZERS)
     learning_rate: float = opt(2e-3, "peak learning rate, after warmup")
     min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = opt(100, "steps of linear warmup")
@@ -83,7 +92,8 @@ class TrainConfig:
     progress: bool = opt(True, "a progress bar")
     # system
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = opt("auto", "compute precision; auto: bf16 where CUDA supports it, else fp32",
+    dtype: str = opt("auto", "compute precision; auto: bf16 on CUDA where supported (else fp16) and on "
+                     "CPUs with AMX, else fp32",
                      ("auto", "bf16", "fp16", "fp32"))
     compile: bool = opt(False, "torch.compile the model")
     attn_backend: str = opt("auto", "attention kernels; auto: GPT_KERNELS if set, else the fastest here",

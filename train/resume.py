@@ -37,7 +37,8 @@ FIXED_ON_RESUME = {
     "model": "the model", "n_layer": "the model's shape", "n_head": "the model's shape", "n_embd": "the model's shape",
     "block_size": "the model's shape and the batches", "bias": "the model's parameters",
     "batch_size": "the batches and their order", "gradient_accumulation_steps": "the batches and their order",
-    "seed": "the order of the batches",
+    "seed": "the order of the batches", "activation": "the model", "rope": "the model's parameters",
+    "qk_norm": "the model", "tie_embeddings": "the model's parameters", "optimizer": "the optimizer state",
 }  # fmt: skip
 FROM_THIS_COMMAND = ("out_dir", "resume", "overwrite")  # where and how to continue, not what
 NOT_REPORTED = {*FROM_THIS_COMMAND, "init_from"}

@@ -34,6 +34,7 @@ from train.config import ConfigError, TrainConfig
 from train.deepspeed_config import deepspeed_config, read_user_config
 from train.device import DTYPES, autocast, pick_device, pick_dtype
 from train.distributed import ProcessGroup, TorchGroup, per_rank_accum
+from train.optim import Optimizers, build_optimizer
 
 
 class Strategy:
@@ -54,15 +55,21 @@ class Strategy:
     def setup(self, model: torch.nn.Module) -> None:
         """Take ``model`` (on its device), build its AdamW and the fp16 loss scaler."""
         self.model = model  # the plain module: evaluation, sampling, checkpoints
-        self.optimizer = self._adamw(model, fused=self.device.type == "cuda")
+        # fused AdamW on the CPU too: one kernel per group instead of a loop over parameters, 3x
+        # faster than the default there (0.9 against 2.6 ms a step for the 4x128 model; 6.8
+        # against 35.5 ms at 6x384), and faster than a torch.compile'd update (1.1 and 11.6 ms)
+        self.optimizer = self._optimizer(model, fused=self.device.type in ("cuda", "cpu"))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.compiled = torch.compile(model) if self.cfg.compile else model
         self.train_module = self.compiled  # what a training micro-batch runs (DDP wraps it)
 
-    def _adamw(self, model: torch.nn.Module, fused: bool = False) -> torch.optim.AdamW:
+    def _optimizer(self, model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer | Optimizers:
         cfg = self.cfg  # the lr is set before every update (TrainConfig.lr_at)
-        return torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
-                                 betas=(cfg.beta1, cfg.beta2), fused=fused)
+        try:
+            return build_optimizer(model, cfg.optimizer, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                   cfg.weight_decay, fused=fused)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Where the model computes in the training precision (bf16/fp16 autocast; fp32: nothing)."""
@@ -75,9 +82,11 @@ class Strategy:
             return self.train_module(x, y)[1]
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The mean loss of one evaluation batch (no gradients are reduced)."""
+        """The mean loss of one evaluation batch (no gradients are reduced). Eager on the CPU even
+        under --compile: a second graph (no grad, eval mode) would cost another compile, which on the
+        CPU takes longer than every evaluation of a short run together. Compiled on CUDA."""
         with self.autocast():
-            return self.compiled(x, y)[1]
+            return (self.compiled if self.device.type == "cuda" else self.model)(x, y)[1]
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of one micro-batch's mean ``loss``; weights stay as they are."""
@@ -186,6 +195,9 @@ class DeepSpeedStrategy(Strategy):
     can_skip_steps = False  # the engine cannot drop a step's accumulated gradients
 
     def __init__(self, cfg: TrainConfig):
+        if cfg.optimizer != "adamw":
+            raise ConfigError(f"--optimizer={cfg.optimizer} is not available with --strategy=deepspeed (its engine "
+                              "drives one torch optimizer); use --optimizer=adamw, or --strategy=single or ddp")
         if cfg.nan_policy == "skip":
             raise ConfigError("--nan_policy=skip is not available with --strategy=deepspeed: its engine cannot drop "
                               "a step's gradients (its fp16 loss scaler skips overflows itself); use --nan_policy=stop")
@@ -218,7 +230,7 @@ class DeepSpeedStrategy(Strategy):
 
     def setup(self, model: torch.nn.Module) -> None:
         # our AdamW with our parameter groups, driven by the engine
-        self.optimizer = self._adamw(model)
+        self.optimizer = self._optimizer(model)
         self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         if self.cfg.compile:
             self.engine.compile()

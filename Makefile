@@ -8,7 +8,7 @@ CONFIG ?= train/configs/shakespeare_char_cpu.toml
 OUT ?= out/shakespeare_char_cpu
 ARGS ?=
 
-.PHONY: install train sample test bench gpu-suite gpu-rehearse lint clean
+.PHONY: install train speedrun sample test bench gpu-suite gpu-rehearse lint clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ $(VENV)/.installed: setup.py
 
 train: install
 	$(PY) -m train --config $(CONFIG) --out_dir=$(OUT) --overwrite $(ARGS)
+
+# val loss <= 1.89 on Tiny Shakespeare in under 50 s on 2 CPU cores; the time is from the command's start
+speedrun: install
+	$(PY) -m train --config train/configs/speedrun_cpu.toml --out_dir=out/speedrun_cpu --overwrite $(ARGS)
 
 sample: install
 	$(PY) -m gpt.sample --out_dir=$(OUT) $(ARGS)

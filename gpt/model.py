@@ -4,6 +4,9 @@ Attention and LayerNorm go through ``kernels``, so the backend (torch, sdpa, fla
 triton) is chosen outside the model: ``with kernels.use_backend(attention="triton"): ...``.
 Parameter names follow nanoGPT / GPT-2, so their weights map onto ours one to one.
 
+GPTConfig's speedrun options (rotary positions, QK-norm, ReLU² or the exact GELU, an untied
+head, zero-initialised projections) are off by default: the default model is GPT-2's.
+
 Generation passes a ``KVCache`` to ``GPT.forward``: the keys and values of the tokens already
 seen are kept, so each new token costs one position's work instead of the whole context's.
 Training never passes one.

@@ -28,8 +28,9 @@ if DEVICE.type == "cuda":
              "--max_iters=30", "--log_interval=10", "--compile=false"]
     GROUP = f"training: GPT-2 124M, {RANKS} GPU(s)"
 else:
+    # AdamW for every strategy (the preset's Muon does not run under DeepSpeed)
     MODEL = ["--config", "train/configs/shakespeare_char_cpu.toml", f"--gradient_accumulation_steps={RANKS}",
-             "--max_iters=40", "--log_interval=20"]
+             "--max_iters=40", "--log_interval=20", "--optimizer=adamw"]
     GROUP = f"training: CPU char model (4x4x128, T=128, B=32 per rank), {RANKS} rank(s) on the CPU"
 COMMON = ["--eval_interval=100000", "--num_samples=0", "--progress=false", "--overwrite"]
 STRATEGIES = {

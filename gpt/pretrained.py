@@ -187,7 +187,7 @@ def _read_hf_weights(directory: Path, weights: Path | None) -> dict[str, torch.T
 def _config_from_hf(hf: dict, source: Path) -> GPTConfig:
     """Our config for a Hugging Face GPT2Config dict; refuses the variants our model does not compute."""
     expected = dict(
-        activation_function=("gelu_new", "gelu_pytorch_tanh"),  # both are GELU's tanh form, as ours
+        activation_function=(*HF_ACTIVATIONS, "gelu_pytorch_tanh"),  # the last, GELU's tanh form too
         layer_norm_epsilon=(1e-5,),
         scale_attn_weights=(True,),
         scale_attn_by_inverse_layer_idx=(False,),
@@ -208,6 +208,7 @@ def _config_from_hf(hf: dict, source: Path) -> GPTConfig:
         n_embd=hf.get("n_embd", 768),
         dropout=hf.get("resid_pdrop", 0.1),
         bias=True,
+        activation="gelu" if hf.get("activation_function") == "gelu" else "gelu_tanh",
     )
 
 
@@ -327,7 +328,9 @@ def _nanogpt_tokenizer(path: Path, ckpt: dict, vocab_size: int) -> dict | None:
 
 
 # the architecture options GPT-2's layout has no place for, with GPT-2's values
-GPT2_ONLY = dict(activation="gelu_tanh", rope=False, qk_norm=False, tie_embeddings=True)
+GPT2_ONLY = dict(rope=False, qk_norm=False, tie_embeddings=True)
+# our activations that transformers' GPT-2 computes too, by its names (gelu_new: the tanh form)
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 
 def export_hf(model: torch.nn.Module, directory: str | Path, tokenizer_meta: dict | None = None) -> Path:
@@ -339,6 +342,8 @@ def export_hf(model: torch.nn.Module, directory: str | Path, tokenizer_meta: dic
         raise ValueError(f"only a GPT exports to the GPT-2 layout, got {type(model).__name__}")
     c = model.config
     different = {k: getattr(c, k) for k in GPT2_ONLY if getattr(c, k) != GPT2_ONLY[k]}
+    if c.activation not in HF_ACTIVATIONS.values():
+        different["activation"] = c.activation
     if different:
         raise ValueError("only GPT-2's architecture exports to its layout; this model has "
                          + ", ".join(f"{k}={v}" for k, v in different.items()) + f" (GPT-2: {GPT2_ONLY})")
@@ -356,7 +361,7 @@ def export_hf(model: torch.nn.Module, directory: str | Path, tokenizer_meta: dic
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "activation_function": "gelu_new",
+        "activation_function": {ours: hf for hf, ours in HF_ACTIVATIONS.items()}[c.activation],
         "vocab_size": c.vocab_size,
         "n_positions": c.block_size,
         "n_ctx": c.block_size,  # older transformers versions read this name

@@ -82,17 +82,20 @@ def test_other_gpt2_file_layouts_load_too(hf_dir, tmp_path):
 
 
 def test_export_to_hugging_face_gives_the_same_logits(tmp_path):
-    for bias in (True, False):  # no biases: exported as zero biases, which compute the same
+    # no biases: exported as zero biases, which compute the same; either GELU has a GPT-2 name
+    for bias, activation in ((True, "gelu_tanh"), (False, "gelu_tanh"), (False, "gelu")):
         torch.manual_seed(1)
-        model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=bias)).eval()
+        model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=bias,
+                              activation=activation)).eval()
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
-        directory = export_hf(model, tmp_path / f"bias{bias}")
+        directory = export_hf(model, tmp_path / f"bias{bias}_{activation}")
         hf = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
         idx = torch.randint(0, 65, (2, 32))
         torch.testing.assert_close(hf_logits(hf, idx), our_logits(model, idx), rtol=1e-4, atol=1e-4)
         again, _ = load_pretrained(directory)  # and back
+        assert again.config.activation == activation
         torch.testing.assert_close(our_logits(again, idx), our_logits(model, idx), rtol=0, atol=0)
 
 

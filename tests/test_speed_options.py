@@ -92,6 +92,8 @@ def test_each_option_changes_what_it_says():
 def test_only_gpt2s_architecture_exports_to_its_layout(tmp_path):
     with pytest.raises(ValueError, match="only GPT-2's architecture exports.*rope=True"):
         export_hf(small_gpt(rope=True), tmp_path / "hf")
+    with pytest.raises(ValueError, match="only GPT-2's architecture exports.*activation=relu2"):
+        export_hf(small_gpt(activation="relu2"), tmp_path / "hf")
 
 
 def test_nanogpt_checkpoints_load_with_the_exact_gelu(tmp_path):

@@ -179,7 +179,9 @@ class DDPStrategy(Strategy):
     def setup(self, model: torch.nn.Module) -> None:
         super().setup(model)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.train_module = torch.nn.parallel.DistributedDataParallel(self.compiled, device_ids=device_ids)
+        # no buffer changes in training (the rotary angles are constants): nothing to broadcast each step
+        self.train_module = torch.nn.parallel.DistributedDataParallel(self.compiled, device_ids=device_ids,
+                                                                      broadcast_buffers=False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> torch.Tensor:
         # what no_sync() sets: read by this forward and by the backward that follows it

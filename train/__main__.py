@@ -70,12 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def is_user_error(err: Exception) -> bool:
-    """Whether ``err``'s message is for the user (one line, no traceback): train.loop.USER_ERRORS."""
-    if isinstance(err, ConfigError):
-        return True
-    if "train.loop" not in sys.modules:  # failed before the loop was imported: only config errors are the user's
-        return isinstance(err, FileNotFoundError)
-    return isinstance(err, sys.modules["train.loop"].USER_ERRORS)
+    """Whether ``err``'s message is for the user (one line, no traceback): a ConfigError, or
+    once the loop is imported, any of train.loop.USER_ERRORS."""
+    loop = sys.modules.get("train.loop")
+    return isinstance(err, ConfigError) or loop is not None and isinstance(err, loop.USER_ERRORS)
 
 
 if __name__ == "__main__":

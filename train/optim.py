@@ -20,7 +20,10 @@ class Optimizers:
 
     def __init__(self, **optimizers: torch.optim.Optimizer):
         self.optimizers = optimizers
-        self.param_groups = [g for opt in optimizers.values() for g in opt.param_groups]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
 
     def step(self) -> None:
         for opt in self.optimizers.values():
@@ -39,7 +42,6 @@ class Optimizers:
             raise ValueError(f"expected the state of optimizers {sorted(self.optimizers)}, got {found}")
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
-        self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
 
 
 def build_optimizer(model: torch.nn.Module, name: str, lr: float, betas: tuple[float, float], weight_decay: float,

@@ -55,10 +55,10 @@ class Strategy:
     def setup(self, model: torch.nn.Module) -> None:
         """Take ``model`` (on its device), build its AdamW and the fp16 loss scaler."""
         self.model = model  # the plain module: evaluation, sampling, checkpoints
-        # fused AdamW on the CPU too: one kernel per group instead of a loop over parameters, 3x
-        # faster than the default there (0.9 against 2.6 ms a step for the 4x128 model; 6.8
-        # against 35.5 ms at 6x384), and faster than a torch.compile'd update (1.1 and 11.6 ms)
-        self.optimizer = self._optimizer(model, fused=self.device.type in ("cuda", "cpu"))
+        # fused AdamW on CUDA and on the CPU: on the CPU one kernel per group instead of
+        # PyTorch's default loop over parameters, 3x faster (0.9 against 2.6 ms a step for the
+        # 4x128 model; 6.8 against 35.5 ms at 6x384) and faster than a torch.compile'd update
+        self.optimizer = self._optimizer(model, fused=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.compiled = torch.compile(model) if self.cfg.compile else model
         self.train_module = self.compiled  # what a training micro-batch runs (DDP wraps it)

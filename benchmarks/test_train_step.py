@@ -97,10 +97,16 @@ def test_train_step(benchmark, request):
     torch.manual_seed(0)
     idx = torch.randint(0, SHAPE["vocab_size"], (BATCH, SHAPE["block_size"]), device=DEVICE)
     steps, flops_per_token = {}, GPT(GPTConfig(**SHAPE)).flops_per_token()
+    step_memory = {}  # CUDA: what a step allocates beyond the weights (activations, gradients, AdamW state)
     for name, (model, backend) in candidates(request.config.getoption("--nanogpt")).items():
         steps[name] = step_fn(model.to(DEVICE), idx, backend)
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            weights = torch.cuda.memory_allocated()
         for _ in range(5):  # warm-up: allocator, kernels' autotuning, first-call costs
             steps[name]()
+        if DEVICE.type == "cuda":
+            step_memory[name] = torch.cuda.max_memory_allocated() - weights
     times = {name: [] for name in steps}
     names = list(steps)
     for r in range(ROUNDS):
@@ -114,4 +120,6 @@ def test_train_step(benchmark, request):
         note = f"({tokens / max(seconds):,.0f}-{tokens / min(seconds):,.0f} over {ROUNDS} rounds)"
         if peak:
             note += f" (MFU {100 * flops_per_token * median / peak:.1f}%)"
+        if name in step_memory:
+            note += f" (step memory beyond the weights {step_memory[name] / 2**30:.1f} GiB)"
         record(benchmark, Result(GROUP, name, median, "tokens/s", baseline=BASELINE, note=note))

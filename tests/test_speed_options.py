@@ -177,13 +177,15 @@ def test_cpu_half_attention_with_gradients_matches_fp32():
     bf16 in, bf16 out, and the same values as the fp32 computation rounded to bf16."""
     from kernels import attention, use_backend
 
-    q, k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(3))
+    half = [torch.randn(2, 2, 16, 8).bfloat16().requires_grad_() for _ in range(3)]
     with use_backend(attention="sdpa"):
-        ref = attention(q, k, v, causal=True)
-        half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
         out = attention(*half, causal=True)
+        with torch.no_grad():  # no gradients: the half-precision kernel itself
+            native = attention(*half, causal=True)
+        ref = attention(*(t.detach().float() for t in half), causal=True)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(native.float(), ref, rtol=2e-2, atol=2e-2)
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in half)
 

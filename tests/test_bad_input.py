@@ -484,7 +484,7 @@ def test_help_describes_every_key_with_its_choices(capsys):
     for f in dataclasses.fields(TrainConfig):
         line = next(line for line in text.splitlines() if line.strip().startswith(f"--{f.name}="))
         assert len(line.split(None, 2)) == 3 and f.metadata["help"] in line, line
-    assert "[stop|skip]" in text and "[false|true|auto]" in text and "[auto|single|ddp|deepspeed]" in text
+    assert "[stop|skip]" in text and "[false|true|auto]" in text and "[auto|single|ddp|fsdp|deepspeed]" in text
 
 
 def test_sample_refuses_bad_arguments_and_damaged_checkpoints(bad_inputs, capsys):

@@ -95,7 +95,10 @@ class TrainConfig:
     dtype: str = opt("auto", "compute precision; auto: bf16 on CUDA where supported (else fp16) and on "
                      "CPUs with AMX, else fp32",
                      ("auto", "bf16", "fp16", "fp32"))
-    compile: bool = opt(False, "torch.compile the model")
+    compile: bool = opt(False, "torch.compile the model (under fsdp: each block)")
+    activation_checkpointing: str = opt("none", "recompute activations in the backward instead of keeping them: "
+                                        "full (every block) or selective (every other block)",
+                                        ("none", "selective", "full"))
     attn_backend: str = opt("auto", "attention kernels; auto: GPT_KERNELS if set, else the fastest here",
                             ("auto", "torch", "sdpa", "flash_attn", "triton"))
     ln_backend: str = opt("auto", "LayerNorm kernels; auto: GPT_KERNELS if set, else the fastest here",
@@ -103,8 +106,9 @@ class TrainConfig:
     seed: int = opt(1337, f"random seed, 0 to {SEED_LIMIT - 1}")
     peak_flops: float = opt(0.0, "the device's peak FLOP/s for MFU; 0: look the device up")
     # distributed (see train/strategy.py): launch with torchrun or the deepspeed launcher
-    strategy: str = opt("auto", "auto: ddp when launched with several ranks, else single",
-                        ("auto", "single", "ddp", "deepspeed"))
+    strategy: str = opt("auto", "auto: ddp when launched with several ranks, else single; fsdp: PyTorch FSDP2 "
+                        "(weights, gradients and AdamW state sharded over ranks)",
+                        ("auto", "single", "ddp", "fsdp", "deepspeed"))
     zero_stage: int = opt(-1, "DeepSpeed ZeRO stage 0-3; -1: the stage in --deepspeed_config, else 1")
     deepspeed_config: str = opt("", "a DeepSpeed JSON config to start from; our flags fill in the rest")
 

@@ -83,6 +83,11 @@ class TorchGroup(ProcessGroup):
         if "WORLD_SIZE" not in os.environ:  # started without a launcher: a group of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(free_port()))
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:  # else init_process_group fails deep inside, or waits for ranks that never come
+            raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} "
+                              f"{'is' if len(missing) == 1 else 'are'} not: start distributed runs with torchrun "
+                              "(or the deepspeed launcher), which sets them all")
         self.rank = int(os.environ["RANK"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.world_size = int(os.environ["WORLD_SIZE"])

@@ -79,6 +79,7 @@ class Trainer:
             torch.manual_seed(cfg.seed + group.rank)
         self.step, self.best_val, self.skipped_steps, self.saved_step = 0, float("inf"), 0, -1
         self.skipped_in_a_row = 0
+        self.memory: dict | None = None  # what this rank holds, measured at the run's first update
         self.signals = StopSignals(self.log)  # installed while run() runs
         self.stop_signal: str | None = None  # set (on every rank alike) when a rank got SIGTERM/SIGINT
         self.metrics = Metrics(self.out_dir, write=group.is_main, log=self.log)
@@ -206,6 +207,7 @@ class Trainer:
             strategy.backward(loss)
             total += loss.detach() / accum
         grad_norm = strategy.clip_gradients()  # before any update: vote on it now
+        held = strategy.held_bytes() if self.memory is None else None  # the gradients exist only until the update
         # a sum is finite only if both terms are (a norm >= 0 cannot cancel an inf); fp16's
         # overflowing gradients are the loss scaler's business, so there only the loss counts
         checked = total if grad_norm is None or self.dtype == torch.float16 else total + grad_norm
@@ -214,11 +216,26 @@ class Trainer:
         else:
             strategy.optimizer_step(self.cfg.lr_at(self.step))
             self.skipped_in_a_row = 0
+            if held is not None:  # the run's first update: AdamW's state exists now
+                self._report_memory(number, gradients=held["gradients"])
             if self.faults.poison_weights(number):
                 with torch.no_grad():
                     next(self.model.parameters()).mul_(float("nan"))
         self.step += 1
         return total
+
+    def _report_memory(self, number: int, gradients: int | None) -> None:
+        """Log and record the bytes of weights, gradients and optimizer state each rank holds."""
+        self.memory = {**self.strategy.held_bytes(), "gradients": gradients}
+        per_rank = self.group.gather_objects(self.memory)
+        self.metrics.record(dict(step=number, memory_per_rank=per_rank))
+
+        def mib(n: int | None) -> str:
+            return "n/a" if n is None else f"{n / 2**20:.2f}"
+
+        self.log("held per rank, MiB (parameters / gradients / optimizer state): " + "; ".join(
+            f"rank {r}: {mib(m['parameters'])} / {mib(m['gradients'])} / {mib(m['optimizer_state'])}"
+            for r, m in enumerate(per_rank[:4])) + ("; ..." if len(per_rank) > 4 else ""))
 
     def _vote(self, checked: torch.Tensor | None = None) -> bool:
         """Whether ``checked`` is non-finite on any rank; also sets ``stop_signal`` if any rank got

@@ -1,7 +1,8 @@
-"""How training is spread over processes: one contract, three strategies.
+"""How training is spread over processes: one contract, four strategies.
 
     single     one process, one device
     ddp        torch DistributedDataParallel, one process per device (torchrun); gloo on CPU, nccl on CUDA
+    fsdp       PyTorch FSDP2: weights, gradients and AdamW state sharded over the ranks (train/fsdp.py)
     deepspeed  DeepSpeed ZeRO stages 0-3 (torchrun or the deepspeed launcher)
 
 The training loop (train/loop.py) runs one step the same way whatever the strategy:
@@ -24,6 +25,7 @@ import contextlib
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +37,8 @@ from train.deepspeed_config import deepspeed_config, read_user_config
 from train.device import DTYPES, autocast, pick_device, pick_dtype
 from train.distributed import ProcessGroup, TorchGroup, per_rank_accum
 from train.optim import Optimizers, build_optimizer
+
+DCP_DIR = "dcp"  # an fsdp checkpoint's shards (Distributed Checkpoint), inside the checkpoint's directory
 
 
 class Strategy:
@@ -54,6 +58,7 @@ class Strategy:
 
     def setup(self, model: torch.nn.Module) -> None:
         """Take ``model`` (on its device), build its AdamW and the fp16 loss scaler."""
+        self._checkpoint_activations(model)
         self.model = model  # the plain module: evaluation, sampling, checkpoints
         # fused AdamW on CUDA and on the CPU: on the CPU one kernel per group instead of
         # PyTorch's default loop over parameters, 3x faster (0.9 against 2.6 ms a step for the
@@ -62,6 +67,16 @@ class Strategy:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.compiled = torch.compile(model) if self.cfg.compile else model
         self.train_module = self.compiled  # what a training micro-batch runs (DDP wraps it)
+
+    def _checkpoint_activations(self, model: torch.nn.Module) -> None:
+        """Mark the blocks that recompute their activations in the backward (--activation_checkpointing)."""
+        mode = self.cfg.activation_checkpointing
+        if not hasattr(model, "set_activation_checkpointing"):
+            if mode != "none":
+                raise ConfigError(f"--activation_checkpointing={mode} recomputes Transformer blocks, and the "
+                                  f"{self.cfg.model} model has none; use --activation_checkpointing=none")
+            return
+        model.set_activation_checkpointing(mode)
 
     def _optimizer(self, model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer | Optimizers:
         cfg = self.cfg  # the lr is set before every update (TrainConfig.lr_at)
@@ -117,6 +132,19 @@ class Strategy:
         """The weights this rank holds (under ZeRO-3 its shards: the full parameters are empty)."""
         return [getattr(p, "ds_tensor", p).detach() for p in self.model.parameters()]
 
+    def held_bytes(self) -> dict[str, int | None]:
+        """Bytes of the parameters, gradients and optimizer state this rank holds now, counted
+        from the tensors themselves (a shard counts its own size). Optimizer state includes
+        master copies of the weights the optimizer updates in place of the model's (DeepSpeed's
+        fp32 partitions). Gradients: None where the engine keeps them in buffers of its own."""
+        params = {id(p) for p in self.model.parameters()}
+        state = [_local(t) for s in _optimizer_states(self.optimizer) for t in s.values() if torch.is_tensor(t)]
+        masters = [_local(p) for g in self.optimizer.param_groups for p in g["params"] if id(p) not in params]
+        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        return dict(parameters=_nbytes(self.local_parameters()),
+                    gradients=None if self.name == "deepspeed" else _nbytes(grads),
+                    optimizer_state=_nbytes(state) + _nbytes(masters))
+
     # --- checkpoints ---
 
     def _rank_rng(self) -> dict:
@@ -151,18 +179,75 @@ class Strategy:
     def load(self, directory: Path) -> dict:
         """Restore model, optimizer, scaler and this rank's RNG; returns trainer.json."""
         resumed = checkpoint.load_checkpoint(directory, self.device)
-        if resumed.tensors["optimizer"] is None:
+        sharded = (directory / DCP_DIR).is_dir()  # an fsdp checkpoint: the optimizer state is in its shards
+        if resumed.tensors["optimizer"] is None and not sharded:
             raise ConfigError(f"checkpoint {directory} was written by DeepSpeed (its optimizer state is in "
                               "deepspeed/); resume it with --strategy=deepspeed")
         self.model.load_state_dict(resumed.model.state_dict())
-        self.optimizer.load_state_dict(resumed.tensors["optimizer"])
+        if sharded:
+            from train.fsdp import load_optimizer_shards  # torch.distributed.checkpoint: only when needed
+
+            load_optimizer_shards(self.model, self.optimizer, directory)
+        else:
+            self.optimizer.load_state_dict(resumed.tensors["optimizer"])
         if resumed.tensors["scaler"] is not None:
             self.scaler.load_state_dict(resumed.tensors["scaler"])
         self._restore_rng(resumed.tensors, resumed.trainer)
         return resumed.trainer
 
+    def _save_sharded(self, out_dir: Path, step: int, config: dict, tokenizer_meta: dict, trainer_state: dict,
+                      write_shards: Callable[[Path], None], full_weights: Callable[[], dict]) -> Path | None:
+        """A checkpoint whose state is written by every rank: ``write_shards(staging)`` runs on all
+        ranks, then ``full_weights()`` (a collective; rank 0's result is used) gives the weights
+        for model.safetensors, and rank 0 completes the checkpoint and renames it into place."""
+        group, staging, path, error = self.group, checkpoint.staging_dir(out_dir, step), None, None
+        if group.is_main:
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            except OSError as err:
+                error = checkpoint.CheckpointError(f"could not write the checkpoint of step {step} into "
+                                                   f"{staging.parent}: {err.strerror or err}")
+        group.raise_any(error)  # every rank stops alike, none waits at a barrier (and staging exists now)
+        try:
+            write_shards(staging)
+        except (OSError, RuntimeError) as err:  # a full disk while the shards are written
+            error = checkpoint.CheckpointError(f"could not write the {self.name} shards of step {step} into "
+                                               f"{staging}: {getattr(err, 'strerror', None) or err}")
+        group.raise_any(error)
+        weights, rng = full_weights(), self._rank_rng()
+        group.barrier()
+        if group.is_main:
+            model = build_model(self.model.config)
+            model.load_state_dict(weights)
+            scaler = self.scaler if self.scaler.is_enabled() else None
+            try:
+                path = checkpoint.save_checkpoint(out_dir, step, model, None, scaler, config, tokenizer_meta,
+                                                  trainer_state, keep_last=self.cfg.keep_last, extra_state=rng,
+                                                  staged=staging)
+            except checkpoint.CheckpointError as err:
+                error = err
+        group.barrier()
+        group.raise_any(error)
+        return path
+
     def teardown(self) -> None:
         self.group.teardown()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank; any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _optimizer_states(optimizer) -> list[dict]:
+    """The per-parameter state dicts of ``optimizer`` (of each, for an ``Optimizers``)."""
+    inner = optimizer.optimizers.values() if isinstance(optimizer, Optimizers) else [optimizer]
+    return [s for opt in inner for s in opt.state.values()]
 
 
 class DDPStrategy(Strategy):
@@ -231,6 +316,7 @@ class DeepSpeedStrategy(Strategy):
         self.ds_config = deepspeed_config(cfg, group.world_size, self.dtype, user_config)
 
     def setup(self, model: torch.nn.Module) -> None:
+        self._checkpoint_activations(model)
         # our AdamW with our parameter groups, driven by the engine
         self.optimizer = self._optimizer(model)
         self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
@@ -267,36 +353,11 @@ class DeepSpeedStrategy(Strategy):
             return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def save(self, out_dir: Path, step: int, config: dict, tokenizer_meta: dict, trainer_state: dict) -> Path | None:
-        group, staging, path, error = self.group, checkpoint.staging_dir(out_dir, step), None, None
-        if group.is_main:
-            try:
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
-            except OSError as err:
-                error = checkpoint.CheckpointError(f"could not write the checkpoint of step {step} into "
-                                                   f"{staging.parent}: {err.strerror or err}")
-        group.raise_any(error)  # every rank stops alike, none waits at a barrier
-        # every rank writes its shards into staging/deepspeed; rank 0 then completes and renames it
-        try:
+        def write_shards(staging: Path) -> None:  # every rank its shards, into staging/deepspeed
             self.engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
-        except OSError as err:  # a full disk while the shards are written
-            error = checkpoint.CheckpointError(f"could not write the DeepSpeed shards of step {step} into "
-                                               f"{staging}: {err.strerror or err}")
-        group.raise_any(error)
-        weights, rng = self._full_state_dict(), self._rank_rng()
-        group.barrier()
-        if group.is_main:
-            model = build_model(self.model.config)
-            model.load_state_dict(weights)
-            try:
-                path = checkpoint.save_checkpoint(out_dir, step, model, None, None, config, tokenizer_meta,
-                                                  trainer_state, keep_last=self.cfg.keep_last, extra_state=rng,
-                                                  staged=staging)
-            except checkpoint.CheckpointError as err:
-                error = err
-        group.barrier()
-        group.raise_any(error)
-        return path
+
+        return self._save_sharded(out_dir, step, config, tokenizer_meta, trainer_state, write_shards,
+                                  self._full_state_dict)
 
     def load(self, directory: Path) -> dict:
         trainer, tensors = checkpoint.load_training_state(directory)
@@ -323,6 +384,11 @@ def make_strategy(cfg: TrainConfig) -> Strategy:
         name = "ddp" if ranks > 1 else "single"
     if name == "single":
         if ranks > 1:
-            raise ConfigError(f"--strategy=single, but the launcher started {ranks} ranks; use ddp or deepspeed")
+            raise ConfigError(f"--strategy=single, but the launcher started {ranks} ranks; use ddp, fsdp or "
+                              "deepspeed")
         return Strategy(cfg)
+    if name == "fsdp":
+        from train.fsdp import FSDPStrategy  # torch.distributed's FSDP and checkpoint modules: only when used
+
+        return FSDPStrategy(cfg)
     return DDPStrategy(cfg) if name == "ddp" else DeepSpeedStrategy(cfg)

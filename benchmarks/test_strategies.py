@@ -1,10 +1,13 @@
-"""Training throughput per strategy: single process, DDP and DeepSpeed ZeRO-2, each a real
-``python -m train`` run (under torchrun for the distributed ones) of the same global batch.
+"""Training throughput and memory per strategy: single process, DDP, FSDP2 and DeepSpeed ZeRO-2,
+each a real ``python -m train`` run (under torchrun for the distributed ones) of the same
+global batch.
 
 The figure is the tokens/s of the run's last log interval (``metrics.jsonl``), so start-up,
 compilation and the first steps are not counted; per-rank throughput and the scaling
-efficiency against the single process are printed beside it. On a machine with N GPUs,
-``GPT_BENCH_RANKS=N`` sets the rank count (default: 2 on the CPU, all GPUs on CUDA).
+efficiency against the single process are printed beside it, and what each rank holds after
+its first update (parameters, gradients, optimizer state: the trainer counts the bytes of the
+tensors themselves, a shard its own part; DeepSpeed keeps its gradients in buffers of its own).
+On a machine with N GPUs, ``GPT_BENCH_RANKS=N`` sets the rank count (default: 2 on the CPU, all GPUs on CUDA).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ COMMON = ["--eval_interval=100000", "--num_samples=0", "--progress=false", "--ov
 STRATEGIES = {
     "single": ([], ["--strategy=single"]),
     "ddp": (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}"], ["--strategy=ddp"]),
+    "fsdp": (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}"], ["--strategy=fsdp"]),
     "deepspeed zero-2": (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}"],
                          ["--strategy=deepspeed", "--zero_stage=2"]),
 }
@@ -67,4 +71,9 @@ def test_strategy(benchmark, strategy, tmp_path):
     note = f"({tokens_per_s / ranks:,.0f} per rank"
     if strategy != "single" and SINGLE:
         note += f", scaling efficiency {tokens_per_s / (ranks * SINGLE['tokens_per_s']):.0%}"
+    held = [r["memory_per_rank"] for r in rows if "memory_per_rank" in r][0]
+    note += "; held per rank, MiB (params / grads / optimizer): " + ", ".join(
+        "/".join("n/a" if m[k] is None else f"{m[k] / 2**20:.1f}" for k in ("parameters", "gradients",
+                                                                            "optimizer_state")) for m in held)
     record(benchmark, Result(GROUP, strategy, tokens_per_s, "tokens/s", baseline="single", note=note + ")"))
+    benchmark.extra_info["memory_per_rank"] = held

@@ -42,11 +42,13 @@ class TrainStep:
     """One optimizer step of a fresh model on a fixed batch (the attention backend is chosen
     by the caller, with ``kernels.use_backend``, or by ``selected``)."""
 
-    def __init__(self, stage: Stage, config: GPTConfig, batch: int, backend: str, compiled: bool) -> None:
+    def __init__(self, stage: Stage, config: GPTConfig, batch: int, backend: str, compiled: bool,
+                 checkpointing: str = "none") -> None:
         torch.manual_seed(0)
         self.stage, self.backend, self.batch, self.compiled = stage, backend, batch, compiled
         with stage.device:  # built where it runs: initialising 124M parameters on the host takes seconds
             self.model = GPT(config)
+        self.model.set_activation_checkpointing(checkpointing)
         self.optimizer = torch.optim.AdamW(self.model.optimizer_groups(0.1), lr=6e-4, betas=(0.9, 0.95),
                                            fused=stage.cuda)  # fmt: skip
         self.forward = self.model
@@ -135,14 +137,15 @@ def run_train(stage: Stage) -> None:
                      note=f"B{step.batch}, " + _mfu_note(stage, flops_per_token * tokens_per_s, step.peak_memory,
                                                          recompiled))  # fmt: skip
 
-    def build(backend: str, compiled: bool, run: Callable[[TrainStep], None], batch: int = batch) -> TrainStep | None:
+    def build(backend: str, compiled: bool, run: Callable[[TrainStep], None], batch: int = batch,
+              checkpointing: str = "none") -> TrainStep | None:
         """A step, warmed up until nothing compiles any more; None (and a note) if it cannot run."""
         step = None
         try:
             if stage.cuda:
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-            step = TrainStep(stage, config, batch, backend, compiled)
+            step = TrainStep(stage, config, batch, backend, compiled, checkpointing)
             for i in range(MAX_WARMUP_STEPS):  # compile, autotune, allocator warm-up
                 frames = _dynamo_frames()
                 run(step)
@@ -169,6 +172,7 @@ def run_train(stage: Stage) -> None:
         record(name, steps[name], times, baseline="sdpa")
     steps = None
     _free()
+    checkpointing_race(stage, config, batch, build, timer, rounds)
     # compiled: one backend at a time, selected once around its compile and its timing
     for backend in backends:
         name = f"{backend}, compiled"
@@ -192,6 +196,32 @@ def run_train(stage: Stage) -> None:
         step = None
         _free()
     stage.record_tuning()
+
+
+def checkpointing_race(stage: Stage, config: GPTConfig, batch: int, build: Callable, timer: Callable,
+                       rounds: int) -> None:
+    """Activation checkpointing (none, selective: every other block, full: every block) on the
+    eager SDPA step of the same batch: each step's peak memory (its model, AdamW state and
+    activations, beyond what was allocated before it was built) and its tokens/s, interleaved."""
+    group = f"activation checkpointing: GPT-2 124M, T{config.block_size}, B{batch}, bf16, eager SDPA" if stage.cuda \
+        else f"activation checkpointing: toy GPT, T{config.block_size}, B{batch}, bf16"
+    if stage.left() < (60 if stage.cuda else 10):
+        stage.note(group, "all", "not reached: out of time")
+        return
+    steps = {}
+    for mode in ("none", "selective", "full"):  # each peak: beyond what was allocated before its build
+        if (step := build("sdpa", False, TrainStep.selected, checkpointing=mode)) is not None:
+            steps[mode] = step
+    step = None
+    for mode, times in stage.interleaved({m: s.selected for m, s in steps.items()}, rounds, timer).items():
+        median, fastest, slowest = times
+        run = steps[mode]
+        memory = f", peak memory {run.peak_memory:.1f} GiB" if run.peak_memory is not None else ""
+        stage.figure(group, mode, run.tokens / median, "tokens/s", checkpointing=mode, batch=run.batch,
+                     baseline="none", spread=[run.tokens / slowest, run.tokens / fastest],
+                     peak_memory_gib=run.peak_memory, note=f"B{run.batch}{memory}")
+    steps = None
+    _free()
 
 
 def _timer(stage: Stage, steps: int) -> Callable[[Callable], float]:

@@ -1,7 +1,8 @@
 """FSDP2 on the CPU (gloo, 2 ranks under torchrun): the same losses as one process for the same
 global batch, with and without gradient accumulation and activation checkpointing; checkpoints
 that resume at another number of ranks and under another strategy; a damaged shard refused;
-fp16's loss scaler agreeing over ranks; and the one-line errors.
+fp16's loss scaler agreeing over ranks; one reduce-scatter per step under accumulation; and
+the one-line errors.
 
 Each distributed run is a real ``torchrun ... -m train`` subprocess with a tiny model; runs that
 continue another are compared with the uninterrupted run, loss by loss.
@@ -53,7 +54,7 @@ def single_run(data_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fsdp_run(data_dir, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("fsdp")
-    return out, launch(flags(data_dir, out, strategy="fsdp")).stdout
+    return out, launch(flags(data_dir, out, strategy="fsdp", num_samples=1, sample_tokens=16)).stdout
 
 
 def assert_continues(out: Path, reference: Path, tol: float) -> None:
@@ -78,6 +79,7 @@ def test_fsdp_gives_the_same_losses_as_one_process(single_run, fsdp_run):
     out, stdout = fsdp_run
     assert_same_losses(out, single_run)
     assert "with strategy fsdp" in stdout and "x 2 rank(s)" in stdout
+    assert (out / "samples.txt").read_text().strip()  # sampled through the sharded model, with the KV cache
     ckpt = out / "checkpoints" / "step_0000008"
     # each rank wrote its shards; DCP's metadata and every shard are in the manifest
     shards = sorted(p.name for p in (ckpt / "dcp").iterdir())
@@ -118,6 +120,21 @@ def test_activation_checkpointing_leaves_the_losses_unchanged(data_dir, tmp_path
         quiet(config(data_dir, out, dropout=0.1, max_iters=4, lr_decay_iters=4, activation_checkpointing=mode))
     losses = {mode: [r["loss"] for r in logs_and_evals(out)[0]] for mode, out in runs.items()}
     assert losses["selective"] == losses["full"] == losses["none"]
+    # and the blocks were recomputed: autograd kept less for the backward
+    from gpt.model import GPT
+
+    model = GPT(config(data_dir, tmp_path).model_config(vocab_size=65))
+    idx = torch.randint(0, 65, (4, 32))
+
+    def kept_for_backward(mode: str) -> int:
+        model.set_activation_checkpointing(mode)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            model(idx, idx)
+        return sum(kept)
+
+    saved = {mode: kept_for_backward(mode) for mode in runs}
+    assert saved["full"] < saved["selective"] < saved["none"]
 
 
 @pytest.mark.distributed
@@ -142,6 +159,7 @@ def test_checkpoints_cross_between_single_and_fsdp(data_dir, tmp_path, single_ru
 
 
 def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(data_dir, tmp_path, fsdp_run):
+    """The manifest's sha256 of every DCP file finds it before DCP reads anything."""
     out = continue_run(fsdp_run[0], tmp_path / "run")
     shard = out / "checkpoints" / "step_0000008" / "dcp" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
@@ -155,42 +173,71 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(data_dir, tmp_pat
 
 
 @pytest.mark.distributed
-def test_fsdp_bf16_trains_compiled_per_block(data_dir, tmp_path):
-    launch(flags(data_dir, tmp_path, strategy="fsdp", dtype="bf16", compile=True,
-                 activation_checkpointing="selective", checkpoint_interval=0, learning_rate=1e-2))
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_fsdp_mixed_precision_trains(data_dir, tmp_path, dtype):
+    """bf16 compiled per block with every other block recomputed; fp16 with its loss scaler. Both
+    evaluate and sample through the sharded model (sampling runs the compiled blocks eagerly)."""
+    extra = dict(compile=True, activation_checkpointing="selective") if dtype == "bf16" else {}
+    launch(flags(data_dir, tmp_path, strategy="fsdp", dtype=dtype, checkpoint_interval=0, learning_rate=1e-2,
+                 num_samples=1, sample_tokens=16, **extra))
+    assert (tmp_path / "samples.txt").read_text().strip()
     logs, evals = logs_and_evals(tmp_path)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2
 
 
-SCALER_PROBE = """
-import torch, torch.distributed as dist
+PROBE = """
+import sys, torch, torch.distributed as dist
+from train.config import load_config, parse_args
 from train.fsdp import RankAgreedGradScaler
+from train.loop import Trainer
+from train.strategy import make_strategy
 
-dist.init_process_group("gloo")
-rank = dist.get_rank()
+cfg = load_config(*parse_args(sys.argv[1:]))
+strategy = make_strategy(cfg)  # joins the group
+rank = strategy.group.rank
+# fp16's scaler: an overflow on rank 1's shard only, then on both ranks' shards
 param = torch.nn.Parameter(torch.ones(4))
 optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
 scaler = RankAgreedGradScaler("cpu", init_scale=2.0**16)
 scaler.scale(torch.ones(()))  # the scale is made on first use
-param.grad = torch.full((4,), float("inf") if rank == 1 else 1.0)  # only rank 1's shard overflows
-scaler.unscale_(optimizer)
-scaler.step(optimizer)
-scaler.update()
-print(f"rank {rank}: weights {param.tolist()} scale {scaler.get_scale()}")
-dist.destroy_process_group()
+for overflowing in ([1], [0, 1]):
+    param.grad = torch.full((4,), float("inf") if rank in overflowing else 1.0)
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    print(f"rank {rank}, overflow on {overflowing}: weights {param.tolist()} scale {scaler.get_scale()}")
+# gradient accumulation: the reduce-scatters of one training step
+calls = []
+for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
+    if hasattr(dist, name):
+        def counted(*args, _collective=getattr(dist, name), **kwargs):
+            calls.append(1)
+            return _collective(*args, **kwargs)
+        setattr(dist, name, counted)
+trainer = Trainer(cfg, log=lambda *_: None, strategy=strategy)
+trainer.train_step()
+print(f"rank {rank}: {strategy.accum_steps} micro-steps, {len(calls)} reduce-scatters")
+trainer.close()
+strategy.teardown()
 """
 
 
 @pytest.mark.distributed
-def test_fp16_scaler_skips_the_step_on_every_rank_when_one_overflows(tmp_path):
+def test_fp16_skips_together_and_accumulation_reduces_once(data_dir, tmp_path):
+    """The fp16 scaler skips a step on every rank when any rank's shard overflows (one or all:
+    fused AdamW skips only on a flag of exactly 1); and 2 micro-steps per rank reduce-scatter
+    each FSDP group (2 blocks and the root) once, not on every micro-step."""
     probe = tmp_path / "probe.py"
-    probe.write_text(SCALER_PROBE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe)]
+    probe.write_text(PROBE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe),
+           *flags(data_dir, tmp_path / "out", strategy="fsdp", gradient_accumulation_steps=4)]
     proc = helpers.run(cmd, env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for rank in (0, 1):  # rank 0's gradients were finite, yet it skipped too, and both backed off
-        assert f"rank {rank}: weights [1.0, 1.0, 1.0, 1.0] scale 32768.0" in proc.stdout
+    for rank in (0, 1):  # finite gradients on rank 0 the first time, yet it skipped too; both backed off twice
+        assert f"rank {rank}, overflow on [1]: weights [1.0, 1.0, 1.0, 1.0] scale 32768.0" in proc.stdout
+        assert f"rank {rank}, overflow on [0, 1]: weights [1.0, 1.0, 1.0, 1.0] scale 16384.0" in proc.stdout
+        assert f"rank {rank}: 2 micro-steps, 3 reduce-scatters" in proc.stdout, proc.stdout
 
 
 def test_fsdp_refuses_what_it_cannot_do(monkeypatch):

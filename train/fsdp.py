@@ -21,6 +21,7 @@ our manifest hashes every file, DCP's included.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -86,9 +87,21 @@ class FSDPStrategy(Strategy):
         self.scaler = RankAgreedGradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> torch.Tensor:
-        # accumulate unsharded gradients until the step's last micro-batch: one reduce-scatter a step
+        # accumulate unsharded gradients until the step's last micro-batch: one reduce-scatter a
+        # step, but meanwhile each rank holds the full gradients (in fp32)
         self.model.set_requires_gradient_sync(sync)
         return super().forward(x, y)
+
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":  # the blocks themselves are compiled: run them eagerly (see Strategy)
+            with self.eager():
+                return super().eval_loss(x, y)
+        return super().eval_loss(x, y)
+
+    def eager(self) -> contextlib.AbstractContextManager:
+        """Under --compile the model's blocks are compiled modules: evaluation on the CPU and
+        sampling (a new sequence length every token) run them eagerly instead of recompiling."""
+        return torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext()
 
     def clip_gradients(self) -> torch.Tensor | None:
         norm = super().clip_gradients()  # the norm of the sharded gradients is itself a (replicated) DTensor
@@ -147,15 +160,16 @@ class FSDPStrategy(Strategy):
 
 
 class RankAgreedGradScaler(torch.amp.GradScaler):
-    """fp16's loss scaler for sharded gradients: after unscaling, the found-inf flag is summed
-    over the ranks, so that all skip an overflowing step (and back off) together. (torch's
-    ShardedGradScaler does the same, but its flag's shape breaks fused AdamW.)"""
+    """fp16's loss scaler for sharded gradients: after unscaling, the found-inf flag is the
+    maximum over the ranks, so that all skip an overflowing step (and back off) together.
+    (torch's ShardedGradScaler sums the flags, and its flag's shape breaks fused AdamW; fused
+    AdamW skips only on a flag of exactly 1, so a sum of 2 would apply a NaN update.)"""
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         super().unscale_(optimizer)
         if self.is_enabled():
             for found_inf in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
-                dist.all_reduce(found_inf)
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
 
 
 def load_optimizer_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:

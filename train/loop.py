@@ -442,7 +442,7 @@ class Trainer:
         rank samples the same (ZeRO-3 needs all ranks for a forward); rank 0 writes."""
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
         idx = torch.tensor([start_tokens(self.tokenizer)] * self.cfg.num_samples, device=self.device)
-        with self.strategy.autocast():
+        with self.strategy.autocast(), self.strategy.eager():
             out = generate(self.model, idx, self.cfg.sample_tokens, temperature=0.8, top_k=200, generator=generator)
         samples = [self.tokenizer.decode(row.tolist()) for row in out]
         text = "\n\n---------------\n\n".join(s.strip("\n") for s in samples) + "\n"

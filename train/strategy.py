@@ -103,6 +103,10 @@ class Strategy:
         with self.autocast():
             return (self.compiled if self.device.type == "cuda" else self.model)(x, y)[1]
 
+    def eager(self) -> contextlib.AbstractContextManager:
+        """Where ``self.model`` runs uncompiled (sampling): it is the plain model here already."""
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of one micro-batch's mean ``loss``; weights stay as they are."""
         self.scaler.scale(loss / self.accum_steps).backward()
@@ -156,10 +160,12 @@ class Strategy:
     def _restore_rng(self, tensors: dict, trainer: dict) -> None:
         checkpoint.set_rng_states(tensors, trainer)
         rank = self.group.rank
-        if len(tensors.get("rank_torch_rng", [])) == self.group.world_size:  # else a changed world size: rank 0's
+        if len(tensors.get("rank_torch_rng", [])) == self.group.world_size:
             torch.set_rng_state(tensors["rank_torch_rng"][rank])
             if self.device.type == "cuda" and tensors["rank_cuda_rng"][rank].numel():
                 torch.cuda.set_rng_state(tensors["rank_cuda_rng"][rank], self.device)
+        elif self.group.world_size > 1:  # another rank count: no saved stream per rank, so each its own new one
+            torch.manual_seed((self.cfg.seed + 1_000_003 * (trainer["step"] + 1) + rank) % 2**63)
 
     def save(self, out_dir: Path, step: int, config: dict, tokenizer_meta: dict, trainer_state: dict) -> Path | None:
         """Called on every rank; rank 0 writes the checkpoint of ``step`` and returns its path."""
@@ -211,6 +217,8 @@ class Strategy:
         group.raise_any(error)  # every rank stops alike, none waits at a barrier (and staging exists now)
         try:
             write_shards(staging)
+        except torch.OutOfMemoryError:
+            raise  # not the disk's fault
         except (OSError, RuntimeError) as err:  # a full disk while the shards are written
             error = checkpoint.CheckpointError(f"could not write the {self.name} shards of step {step} into "
                                                f"{staging}: {getattr(err, 'strerror', None) or err}")

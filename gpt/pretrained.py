@@ -4,14 +4,16 @@ export of our models to the Hugging Face GPT-2 layout.
     model, tokenizer_meta = load_pretrained("gpt2")            # or gpt2-medium/-large/-xl
     model, tokenizer_meta = load_pretrained("path/to/hf_dir")  # config.json + model.safetensors
     model, tokenizer_meta = load_pretrained("out/ckpt.pt")     # nanoGPT
-    export_hf(model, "hf_dir")                                  # transformers can load it
+    export_hf(model, "hf_dir", tokenizer_meta)                  # transformers can load it
 
     python -m gpt.pretrained export --out_dir RUN --to DIR
 
 Nothing is downloaded: the GPT-2 names resolve to local directories (``$GPT_MODELS_DIR/<name>``
 or the Hugging Face cache). Our parameter names are GPT-2's, so the mapping is one to one,
 except that GPT-2 stores its Linear layers as ``Conv1D`` with the weight transposed
-(in, out), and ties ``lm_head`` to ``wte`` (files often leave it out).
+(in, out), and ties ``lm_head`` to ``wte`` (files often leave it out). A model whose tokenizer
+was trained on the user's corpus (gpt/tokenizer_training.py) is exported with that tokenizer
+(tokenizer.json + tokenizer_config.json), which ``transformers.AutoTokenizer`` loads.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import pickle
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
@@ -30,7 +33,16 @@ import torch
 from gpt.config import GPTConfig
 from gpt.io import CONFIG_FILE, WEIGHTS_FILE, find_model_dir, load_model
 from gpt.model import GPT, unwrap
-from gpt.tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE, describe_tokenizer, same_tokenizer
+from gpt.tokenizer import (
+    EOT_TEXT,
+    GPT2_EOT_TOKEN,
+    GPT2_VOCAB_SIZE,
+    TRAINED_TOKENIZERS,
+    TokenizerUnavailableError,
+    describe_tokenizer,
+    same_tokenizer,
+    tokenizer_from_meta,
+)
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_CONFIG = "config.json"
@@ -43,6 +55,7 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 # the GPT-2 BPE, as GPT2Tokenizer().to_meta() describes it (written out: loading weights needs no tiktoken)
 GPT2_TOKENIZER_META = {"name": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "encoding": "gpt2"}
 TOKENIZER_KEY = "gpt_tokenizer"  # our tokenizer meta, kept in an exported config.json
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # the last: older versions
 
 
 def load_pretrained(
@@ -333,10 +346,22 @@ GPT2_ONLY = dict(rope=False, qk_norm=False, tie_embeddings=True)
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 
-def export_hf(model: torch.nn.Module, directory: str | Path, tokenizer_meta: dict | None = None) -> Path:
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def export_hf(
+    model: torch.nn.Module,
+    directory: str | Path,
+    tokenizer_meta: dict | None = None,
+    warn: Callable[[str], None] = _to_stderr,
+) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 directory (config.json + model.safetensors) that
     ``transformers.GPT2LMHeadModel.from_pretrained`` loads. A model without biases gets zero
-    biases (the same function). Our tokenizer meta is kept in config.json for ``load_pretrained``."""
+    biases (the same function). Our tokenizer meta is kept in config.json for ``load_pretrained``.
+    A tokenizer trained on the user's corpus is written too, for ``AutoTokenizer.from_pretrained``
+    (see ``export_hf_tokenizer``); without transformers installed that is skipped, said through
+    ``warn``. GPT-2's own tokenizer is not written: transformers users take openai-community/gpt2's."""
     model = unwrap(model)
     if not isinstance(model, GPT):
         raise ValueError(f"only a GPT exports to the GPT-2 layout, got {type(model).__name__}")
@@ -382,13 +407,50 @@ def export_hf(model: torch.nn.Module, directory: str | Path, tokenizer_meta: dic
         "eos_token_id": GPT2_EOT_TOKEN if gpt2_vocab else None,
         "dtype": "float32",
     }
+    trained_tokenizer = tokenizer_meta is not None and tokenizer_meta.get("name") in TRAINED_TOKENIZERS
+    if trained_tokenizer:  # its <|endoftext|> ends a generation, as GPT-2's does
+        hf_config["bos_token_id"] = hf_config["eos_token_id"] = tokenizer_meta.get("eot_id")
     if tokenizer_meta is not None:
         hf_config[TOKENIZER_KEY] = tokenizer_meta
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(tensors, str(directory / HF_SAFETENSORS), metadata={"format": "pt"})
     (directory / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
+    if trained_tokenizer:
+        try:
+            export_hf_tokenizer(tokenizer_meta, directory, model_max_length=c.block_size)
+        except TokenizerUnavailableError as err:
+            warn(f"note: the tokenizer was not exported ({err}); the weights were, and config.json keeps the "
+                 f"tokenizer under {TOKENIZER_KEY!r}. Install that and export again for AutoTokenizer to load it")
     return directory
+
+
+def export_hf_tokenizer(tokenizer_meta: dict, directory: str | Path, model_max_length: int | None = None) -> list[Path]:
+    """Write a trained tokenizer (sentencepiece or bpe meta) as transformers saves a fast tokenizer
+    (tokenizer.json + tokenizer_config.json), with ``<|endoftext|>`` as its bos and eos token, so
+    ``AutoTokenizer.from_pretrained(directory)`` loads it; return the files written.
+
+    It encodes text to our ids, with two known differences: ``<|endoftext|>`` written in the text
+    is the special token there (transformers' usual way; ours keeps it plain text), and a
+    sentencepiece unigram model may choose another of two segmentations of equal score (runs of
+    spaces), where SentencePiece's float32 sums and transformers' float64 ones round differently.
+    A TokenizerUnavailableError if transformers is not installed."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        raise TokenizerUnavailableError("transformers is not installed: pip install transformers") from None
+    tokenizer = tokenizer_from_meta(tokenizer_meta)
+    if not hasattr(tokenizer, "to_hf_tokenizer"):
+        raise ValueError(f"only a trained tokenizer ({', '.join(TRAINED_TOKENIZERS)}) exports, got {tokenizer.name}")
+    options = {} if model_max_length is None else {"model_max_length": model_max_length}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.to_hf_tokenizer(),
+        bos_token=EOT_TEXT,
+        eos_token=EOT_TEXT,
+        clean_up_tokenization_spaces=False,  # decode must give back the text, spaces before punctuation too
+        **options,
+    )
+    return [Path(f) for f in fast.save_pretrained(str(directory))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         to = Path(args.to)
         if to.exists() and not to.is_dir():
             raise ValueError(f"--to {to} exists and is not a folder")
-        earlier = [n for n in (HF_CONFIG, HF_SAFETENSORS) if (to / n).exists()]
+        earlier = [n for n in (HF_CONFIG, HF_SAFETENSORS, *HF_TOKENIZER_FILES) if (to / n).exists()]
         if earlier and not args.overwrite:
             raise ValueError(f"--to {to} already holds {' and '.join(earlier)}; pass --overwrite to replace them")
         model, tokenizer_meta = load_pretrained(args.out_dir)
@@ -415,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a read-only or full disk
         print(f"error: cannot write into {args.to}: {err.strerror or err}", file=sys.stderr)
         return 2
-    print(f"wrote {directory / HF_CONFIG} and {directory / HF_SAFETENSORS} ({model.num_params() / 1e6:.2f}M params)")
+    tokenizer_files = [n for n in HF_TOKENIZER_FILES if (directory / n).is_file()]
+    written = ", ".join(str(directory / n) for n in (HF_CONFIG, *tokenizer_files))
+    print(f"wrote {written} and {directory / HF_SAFETENSORS} ({model.num_params() / 1e6:.2f}M params)")
     return 0
 
 

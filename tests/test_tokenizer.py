@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -118,7 +119,10 @@ def test_char_meta_round_trip_is_json():
 @pytest.mark.parametrize(
     ("meta", "match"),
     [
-        ({"name": "sentencepiece"}, "unknown tokenizer"),
+        ({"name": "wordpiece"}, "unknown tokenizer"),
+        ({"name": "sentencepiece"}, "no 'model'"),  # a trained tokenizer's meta carries its model
+        ({"name": "bpe", "model": "{}"}, "not a Hugging Face tokenizer JSON"),
+        ({"name": "sentencepiece", "model": "aGVsbG8="}, "not a SentencePiece model"),  # base64 of "hello"
         ({"chars": "abc"}, "'name'"),
         ({"name": "char"}, "chars"),
         ({"name": "char", "chars": "abc", "vocab_size": 4}, "vocab_size 4"),
@@ -141,6 +145,13 @@ def test_gpt2_known_ids(gpt2):
     # the special token's text is ordinary text, never id 50256
     assert 50256 not in gpt2.encode("<|endoftext|>")
     assert gpt2.decode([50256]) == "<|endoftext|>"
+
+
+def test_gpt2_end_of_text_batches_and_pickling(gpt2):
+    assert gpt2.eot_id == 50256
+    texts = ["Hello world", "", "<|endoftext|> is text here", "naïve café"]
+    assert gpt2.encode_batch(texts) == [gpt2.encode(t) for t in texts]
+    assert pickle.loads(pickle.dumps(gpt2)).encode("Hello world") == [15496, 995]  # for worker processes
 
 
 def test_gpt2_round_trip_on_tiny_shakespeare(gpt2, shakespeare_path):

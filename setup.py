@@ -11,6 +11,10 @@ setup(
         "torch>=2.4",
         "triton; platform_system == 'Linux'",
         "tiktoken",
+        "sentencepiece>=0.2",  # tokenizers trained on the user's corpus (gpt/tokenizer_training.py)
+        "tokenizers>=0.20",  # byte-level BPE; 0.20 brought encode_batch_fast
+        "pyarrow",  # Parquet corpora (train/corpus.py)
+        "zstandard",  # .jsonl.zst corpora
         "deepspeed",
         "numpy",
         "safetensors",

@@ -413,7 +413,7 @@ def test_cli_prepares_input_and_dataset(tmp_path, shakespeare_path):
     [
         (["prepare", "--input", "/no/such/file.txt"], "input file not found"),
         (["prepare", "--dataset", "openwebtext"], "unknown dataset"),
-        (["prepare", "--dataset", "shakespeare_char", "--tokenizer", "bpe"], "invalid choice: 'bpe'"),
+        (["prepare", "--dataset", "shakespeare_char", "--tokenizer", "bpe"], "must be char or gpt2 here, got 'bpe'"),
         (["prepare"], "give --dataset"),
         (["prepare", "--dataset", "shakespeare_char"], "could not download"),
     ],

@@ -3,6 +3,9 @@
     python -m train.data prepare --dataset shakespeare_char     # Tiny Shakespeare, one token per character
     python -m train.data prepare --dataset shakespeare          # Tiny Shakespeare, GPT-2 BPE
     python -m train.data prepare --input my.txt --tokenizer char  # any local UTF-8 text, into data/my/
+    python -m train.data prepare --input 'corpus/*.jsonl.gz' --dataset owt --tokenizer gpt2 --workers 8 \
+        --val_fraction 0.005                                      # a real corpus: token shards (train/corpus.py)
+    python -m train.data tokenizer --input 'corpus/*.jsonl' --kind bpe --vocab_size 32768 --out tok/
 
 As in nanoGPT, the first 90% of the text is the training split and the last 10% the validation
 split; each part is encoded on its own (for Tiny Shakespeare with GPT-2 BPE that gives nanoGPT's
@@ -26,12 +29,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
 from gpt.tokenizer import CharTokenizer, GPT2Tokenizer, TokenizerUnavailableError, tokenizer_from_meta
+from train import corpus
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +161,15 @@ def ensure_prepared(dataset: str, data_dir: str | Path = "data", input_path: str
     folder = Path(data_dir) / dataset
     if input_path is not None and dataset in BUILTIN_DATASETS:
         raise DataError(_builtin_name_taken(dataset, input_path))
+    if corpus.is_sharded(folder):  # a corpus prepared with python -m train.data prepare --input GLOB
+        if input_path is not None:
+            raise DataError(f"{folder} holds a sharded corpus; train on it with --dataset {dataset} alone, without "
+                            "--input")
+        prepared_with = load_meta(folder)["tokenizer"].get("name")
+        if tokenizer is not None and tokenizer not in (prepared_with, str(folder)):
+            raise DataError(f"{folder} was prepared with the {prepared_with} tokenizer, not {tokenizer}; prepare "
+                            "the corpus again with that tokenizer under another dataset name")
+        return folder
     missing = [name for name in ("train.bin", "val.bin", "meta.json") if not (folder / name).is_file()]
     if missing:
         if (folder / "meta.json").is_file() and input_path is None and dataset not in BUILTIN_DATASETS:
@@ -191,7 +205,18 @@ def ensure_prepared(dataset: str, data_dir: str | Path = "data", input_path: str
 
 
 def load_meta(folder: str | Path) -> dict[str, Any]:
-    """The dataset's meta.json, checked for the fields the training code needs."""
+    """The dataset's meta.json, checked for the fields the training code needs (for a sharded
+    corpus, the same fields from its manifest, with ``sharded`` set)."""
+    if corpus.is_sharded(folder):
+        try:
+            manifest = corpus.load_manifest(folder)
+        except corpus.CorpusError as err:
+            raise DataError(str(err)) from None
+        splits = manifest["splits"]
+        return {"format_version": FORMAT_VERSION, "dataset": Path(folder).name, "dtype": manifest["dtype"],
+                "vocab_size": manifest["vocab_size"], "train_tokens": splits["train"]["tokens"],
+                "val_tokens": splits["val"]["tokens"], "tokenizer": manifest["tokenizer"],
+                "source": {"name": Path(folder).name, "inputs": len(manifest["inputs"])}, "sharded": True}
     path = Path(folder) / "meta.json"
     hint = f"prepare the data first (python -m train.data prepare --dataset {Path(folder).name} ...)"
     try:
@@ -209,10 +234,16 @@ def load_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_tokens(folder: str | Path, split: str) -> np.memmap:
-    """The ``split`` ("train" or "val") token ids as a read-only uint16 memmap, length checked against meta."""
+def load_tokens(folder: str | Path, split: str) -> np.memmap | corpus.ShardedTokens:
+    """The ``split`` ("train" or "val") token ids as a read-only uint16 memmap, length checked
+    against meta; for a sharded corpus, its shards as one stream."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if corpus.is_sharded(folder):  # its shards as one stream, memory-mapped as they are read
+        try:
+            return corpus.open_split(folder, split)
+        except corpus.CorpusError as err:
+            raise DataError(str(err)) from None
     meta = load_meta(folder)
     path = Path(folder) / f"{split}.bin"
     expected = meta[f"{split}_tokens"]
@@ -231,7 +262,14 @@ def load_tokens(folder: str | Path, split: str) -> np.memmap:
 
 def check_token_ids(folder: str | Path, split: str, tokens: np.ndarray, vocab_size: int) -> None:
     """Refuse token ids >= ``vocab_size`` (they would index past the embedding); one pass over
-    the data in chunks, so a memmap larger than memory is fine."""
+    the data in chunks, so a memmap larger than memory is fine. A sharded corpus was checked
+    when it was prepared: its manifest's largest id is compared, and nothing is read."""
+    if isinstance(tokens, corpus.ShardedTokens):
+        largest = corpus.load_manifest(folder)["max_token_id"]
+        if largest >= vocab_size:
+            raise DataError(f"{folder}'s manifest says its largest token id is {largest}, but the vocabulary has "
+                            f"{vocab_size} tokens: prepare the corpus again")
+        return
     chunk = 1 << 26
     for start in range(0, len(tokens), chunk):
         largest = int(tokens[start : start + chunk].max())
@@ -395,27 +433,143 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+CORPUS_FLAGS = ("val_fraction", "val_input", "workers", "shard_tokens", "text_field", "on_bad")
+
+
+def parse_count(text: str) -> int:
+    """``100M``, ``2.5G``, ``50K`` or a plain integer."""
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count like 100M, 2G or 50000, got {text!r}") from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a positive whole count, got {text!r}")
+    return int(value)
+
+
+def corpus_tokenizer(name: str | None) -> dict:
+    """The tokenizer meta for a corpus: gpt2 (the default) or a trained tokenizer's directory."""
+    if name in (None, "gpt2"):
+        return GPT2Tokenizer().to_meta()
+    if name == "char":
+        raise DataError("a sharded corpus needs a tokenizer with an end-of-text token: --tokenizer gpt2, or one "
+                        "trained on your corpus (python -m train.data tokenizer ... --out DIR; then --tokenizer DIR)")
+    from gpt.tokenizer_training import load_tokenizer_dir
+
+    try:
+        return load_tokenizer_dir(Path(name)).to_meta()
+    except ValueError as err:
+        raise DataError(f"--tokenizer {name}: {err}") from None
+
+
+def is_corpus_request(args: argparse.Namespace) -> bool:
+    """The sharded pipeline: for anything but one plain text file, or when a corpus flag is given."""
+    if any(getattr(args, flag) is not None for flag in CORPUS_FLAGS):
+        return True
+    if args.input is None:
+        return False
+    path = Path(args.input)
+    if any(c in args.input for c in "*?[") or path.is_dir():
+        return True
+    return corpus.input_kind(path) not in ("txt", None)  # one .jsonl or .parquet file is a corpus too
+
+
+def prepare_corpus_from_args(args: argparse.Namespace, dataset: str | None) -> None:
+    if dataset is None or dataset in BUILTIN_DATASETS:
+        raise DataError("name the corpus's dataset with --dataset NAME (not a built-in one): it becomes "
+                        f"{args.data_dir}/NAME/")
+    _check_dataset_name(dataset)
+    try:
+        corpus.prepare_corpus(
+            Path(args.data_dir) / dataset, corpus.expand_inputs(args.input), corpus_tokenizer(args.tokenizer),
+            val_inputs=corpus.expand_inputs(args.val_input) if args.val_input else None,
+            val_fraction=args.val_fraction if args.val_fraction is not None else (0.0 if args.val_input else 0.01),
+            text_field=args.text_field or "text", workers=args.workers or 1,
+            shard_tokens=args.shard_tokens or corpus.DEFAULT_SHARD_TOKENS, on_bad=args.on_bad or "skip",
+            log=lambda message: log.info("%s", message))
+    except corpus.BadDocumentError:
+        raise
+    except corpus.CorpusError as err:
+        raise DataError(str(err)) from None
+
+
+def train_tokenizer_from_args(args: argparse.Namespace) -> None:
+    from gpt.tokenizer_training import train_tokenizer
+
+    paths = corpus.expand_inputs(args.input)
+    skipped = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal skipped
+        for path in paths:
+            kind = corpus.input_kind(path)
+            for _, raw in corpus.iter_raw_documents(path, args.text_field):
+                try:
+                    yield corpus.parse_document(kind, raw, args.text_field)
+                except ValueError:
+                    skipped += 1  # a bad document teaches the tokenizer nothing
+
+    try:
+        tokenizer = train_tokenizer(texts(), args.kind, args.vocab_size, Path(args.out), model_type=args.model_type)
+    except (ValueError, corpus.CorpusError) as err:
+        raise DataError(str(err)) from None
+    log.info("%s tokenizer with %s tokens in %s%s; prepare a corpus with it: --tokenizer %s", args.kind,
+             f"{tokenizer.vocab_size:,}", args.out, f" ({skipped} bad documents skipped)" if skipped else "", args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _OneLineErrorParser(prog="python -m train.data", description="Prepare token files for training.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
-    p = commands.add_parser("prepare", help="tokenize a corpus into <data_dir>/<dataset>/")
+    p = commands.add_parser("prepare", help="tokenize a text file or a corpus into <data_dir>/<dataset>/")
     p.add_argument("--dataset", help=f"{' or '.join(BUILTIN_DATASETS)}, or any name with --input (default: its stem)")
-    p.add_argument("--input", help="a local UTF-8 text file to use instead of Tiny Shakespeare")
-    p.add_argument("--tokenizer", choices=TOKENIZERS, help="default: gpt2 for 'shakespeare', char otherwise")
+    p.add_argument("--input", help="a local UTF-8 text file, or a corpus: a glob or folder of .txt (one document "
+                                    "each), .jsonl[.gz|.zst] or .parquet files (quote the glob)")
+    p.add_argument("--tokenizer", help="char or gpt2 (default: gpt2 for 'shakespeare' and corpora, char "
+                                       "otherwise), or a trained tokenizer's folder (corpora)")
     p.add_argument("--data_dir", default="data", help="where dataset folders go (default: data)")
+    g = p.add_argument_group("corpora (token shards; see train/corpus.py)")
+    g.add_argument("--text_field", help="the JSON field or Parquet column with the text (default: text)")
+    g.add_argument("--workers", type=int, help="tokenizing processes (default: 1)")
+    g.add_argument("--shard_tokens", type=parse_count, help="tokens per shard, e.g. 100M (the default)")
+    g.add_argument("--val_fraction", type=float, help="share of the documents in val (default: 0.01)")
+    g.add_argument("--val_input", help="take val from these files instead (a glob)")
+    g.add_argument("--on_bad", choices=("skip", "stop"), help="a bad document: skip and count it (default), or stop")
+    t = commands.add_parser("tokenizer", help="train a tokenizer on a corpus")
+    t.add_argument("--input", required=True, help="a glob or folder of .txt, .jsonl[.gz|.zst] or .parquet files")
+    t.add_argument("--kind", required=True, choices=("sentencepiece", "bpe"),
+                   help="SentencePiece, or byte-level BPE (Hugging Face tokenizers)")
+    t.add_argument("--vocab_size", required=True, type=parse_count, help="tokens in the vocabulary")
+    t.add_argument("--out", required=True, help="the folder to write it to")
+    t.add_argument("--model_type", default="bpe", choices=("bpe", "unigram"), help="SentencePiece's model")
+    t.add_argument("--text_field", default="text", help="the JSON field or Parquet column with the text")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    dataset = args.dataset or (Path(args.input).stem if args.input else None)
-    if dataset is None:
-        parser.error("give --dataset (shakespeare_char or shakespeare) or --input path.txt")
     try:
+        if args.command == "tokenizer":
+            train_tokenizer_from_args(args)
+            return 0
+        dataset = args.dataset or (Path(args.input).stem if args.input else None)
+        if is_corpus_request(args):
+            if args.input is None:
+                parser.error("a corpus needs --input GLOB")
+            prepare_corpus_from_args(args, args.dataset)
+            return 0
+        if args.tokenizer not in (None, *TOKENIZERS):
+            parser.error(f"--tokenizer must be {' or '.join(TOKENIZERS)} here, got {args.tokenizer!r} (a trained "
+                         "tokenizer's folder is for corpora: prepare --input GLOB --dataset NAME --tokenizer DIR)")
+        if dataset is None:
+            parser.error("give --dataset (shakespeare_char or shakespeare) or --input path.txt")
         prepare(dataset, args.data_dir, input_path=args.input, tokenizer=args.tokenizer)
+    except corpus.BadDocumentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (DataError, TokenizerUnavailableError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; no partial files were left", file=sys.stderr)
+        print("interrupted; no partial files were left (a corpus prepare resumes when run again)", file=sys.stderr)
         return 130
     return 0
 

@@ -328,3 +328,110 @@ def test_a_tokenizer_trained_on_the_corpus_prepares_trains_samples_and_exports(t
     hf = AutoTokenizer.from_pretrained(export)
     text = "ROMEO:\nWhat light through yonder window breaks?"
     assert hf(text)["input_ids"] == tok.encode(text)
+
+
+def test_every_input_kind_reads_its_documents(tmp_path):
+    import zstandard
+
+    lines = [json.dumps({"text": t}) for t in ("first", "second\nline", "caf\u00e9 \u4e2d")]
+    data = ("\n".join(lines) + "\n\n").encode()  # a blank line is no document
+    (tmp_path / "a.jsonl").write_bytes(data)
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    with gzip.open(tmp_path / "a.jsonl.gz", "wb") as f:
+        f.write(data)
+    want = [(1, lines[0].encode() + b"\n"), (2, lines[1].encode() + b"\n"), (3, lines[2].encode() + b"\n")]
+    for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.zst"):
+        got = list(corpus.iter_raw_documents(tmp_path / name, "text"))
+        assert got == want, name
+        assert [corpus.parse_document("jsonl", raw, "text") for _, raw in got] == ["first", "second\nline",
+                                                                                  "caf\u00e9 \u4e2d"]
+
+
+@pytest.mark.parametrize(("kind", "raw", "why"), [
+    ("txt", b"ok \xff\xfe", "invalid UTF-8 at byte 3"),
+    ("jsonl", b'{"text": "\xff"}', "invalid UTF-8 at byte"),
+    ("jsonl", b"{text: 1}", "not JSON"),
+    ("jsonl", b"[1, 2]", "no 'text' field"),
+    ("jsonl", b'{"body": "x"}', "no 'text' field"),
+    ("jsonl", b'{"text": 7}', "the 'text' field is int, not text"),
+    ("parquet", None, "the 'text' field is NoneType, not text"),
+])  # fmt: skip
+def test_bad_documents_say_why(kind, raw, why):
+    with pytest.raises(ValueError, match=why):
+        corpus.parse_document(kind, raw, "text")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_prepare_stopped_at_any_shard_resumes_to_the_same_dataset(tmp_path, monkeypatch):
+    """Stopped right after the n-th recorded shard, or right after a shard was written but before
+    it was recorded, for several n: tiny shards (documents span several), a large val share, bad
+    lines early, and batches of a few documents; the resumed prepare writes the same bytes and
+    the same manifest as one that ran through."""
+    root = tmp_path / "in"
+    root.mkdir()
+    docs = list(paragraphs()[:120])
+    with open(root / "a.jsonl", "w") as f:
+        f.write("{broken\n")
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"text": d}) + "\n")
+            if i == 5:
+                f.write(json.dumps({"text": None}) + "\n")
+    monkeypatch.setattr(corpus, "BATCH_BYTES", 2048)
+    options = dict(val_fraction=0.3, shard_tokens=64)
+    reference = tmp_path / "ref"
+    prepare(root, reference, **options)
+    want_bytes, want = shard_bytes(reference), json.loads((reference / "manifest.json").read_text())
+    assert len(want_bytes) > 40
+    save, write = corpus._save_progress, corpus.write_shard
+    for n in (1, 2, 7, 19):
+        for where in ("after recording", "before recording"):
+            folder = tmp_path / f"stopped{n}{where[0]}"
+            calls = []
+
+            def stop_after_save(*args, _n=n, _calls=calls):
+                save(*args)
+                _calls.append(1)
+                if len(_calls) == _n:
+                    raise Killed
+
+            def stop_after_write(*args, _n=n, _calls=calls):
+                digest = write(*args)
+                _calls.append(1)
+                if len(_calls) == _n + 1:
+                    raise Killed  # the shard is on disk, its progress never saved
+                return digest
+
+            with monkeypatch.context() as patch:
+                if where == "after recording":
+                    patch.setattr(corpus, "_save_progress", stop_after_save)
+                else:
+                    patch.setattr(corpus, "write_shard", stop_after_write)
+                with pytest.raises(Killed):
+                    prepare(root, folder, **options)
+            assert not (folder / "manifest.json").exists()
+            prepare(root, folder, **options)
+            assert shard_bytes(folder) == want_bytes, (n, where)
+            got = json.loads((folder / "manifest.json").read_text())
+            assert got == want, (n, where)
+
+
+def test_unreadable_inputs_and_overlapping_splits_are_refused(tmp_path, corpus_dir):
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes((corpus_dir / "b.jsonl.gz").read_bytes()[:2000])  # a download cut short
+    with pytest.raises(corpus.CorpusError, match=r"cut.jsonl.gz cannot be read after document \d+ \(EOFError"):
+        list(corpus.iter_raw_documents(cut, "text"))
+    inputs = corpus.expand_inputs(str(corpus_dir / "*.jsonl"))
+    with pytest.raises(corpus.CorpusError, match="is in both --input and --val_input"):
+        corpus.prepare_corpus(tmp_path / "x", inputs, GPT2Tokenizer().to_meta(), val_inputs=inputs)
+
+
+def test_slices_of_the_stream(prepared):
+    tokens = load_tokens(prepared, "train")
+    n = len(tokens)
+    whole = np.concatenate([np.memmap(p, dtype=np.uint16, mode="r", offset=corpus.HEADER_BYTES)
+                            for p in sorted(prepared.glob("train_*.bin"))])
+    for a, b in ((0, 0), (5, 5), (19_999, 20_001), (20_000, 40_000), (n - 3, n), (n, n), (-10, None), (7, 3)):
+        assert tokens[a:b].tolist() == whole[a:b].tolist(), (a, b)

@@ -43,6 +43,8 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,8 @@ class ShardedTokens:
             take = min(stop - position, self.counts[i] - offset)
             parts.append(self._shard(i)[offset : offset + take])
             position += take
+        if not parts:
+            return np.empty(0, dtype=self.dtype)
         return np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
 
     def max(self) -> int:
@@ -281,7 +285,21 @@ def _open_lines(path: Path) -> Iterable[bytes]:
 def iter_raw_documents(path: Path, text_field: str) -> Iterator[tuple[int, bytes | str]]:
     """(line or row number, raw document) of one input file: a .txt file is one document; JSON
     lines are parsed by the workers (bytes here); Parquet yields its column's strings (a null is
-    passed on as None: a bad document)."""
+    passed on as None: a bad document). A file that cannot be read to its end (cut short,
+    damaged) is a CorpusError naming it and where it broke."""
+    number = 0
+    try:
+        for number, raw in _raw_documents(path, text_field):
+            yield number, raw
+    except CorpusError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- gzip, zstandard and pyarrow each raise their own kinds
+        raise CorpusError(f"{path} cannot be read after document {number} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'no detail'}): replace the file, or "
+                          "leave it out of --input") from None
+
+
+def _raw_documents(path: Path, text_field: str) -> Iterator[tuple[int, bytes | str]]:
     kind = input_kind(path)
     if kind == "txt":
         yield 1, path.read_bytes()
@@ -325,6 +343,10 @@ def parse_document(kind: str, raw: bytes | str | None, text_field: str) -> str:
         raw = record[text_field]
     if not isinstance(raw, str):
         raise ValueError(f"the {text_field!r} field is {type(raw).__name__}, not text")
+    try:
+        raw.encode("utf-8")  # a lone surrogate ("\\ud800" in JSON) is no Unicode text
+    except UnicodeEncodeError as err:
+        raise ValueError(f"not Unicode text (a lone surrogate at character {err.start})") from None
     return raw
 
 
@@ -361,7 +383,11 @@ def _tokenize(task: tuple) -> tuple[list[tuple], Path, str]:
         except ValueError as err:
             out.append((index, line, None, str(err)))
             continue
-        ids = tok.encode(text)
+        try:
+            ids = tok.encode(text)
+        except Exception as err:  # noqa: BLE001 -- a document the tokenizer refuses is a bad document
+            out.append((index, line, None, f"the tokenizer refused it ({type(err).__name__}: {err})"))
+            continue
         tokens = np.empty(len(ids) + 1, dtype=dtype)
         tokens[:-1], tokens[-1] = ids, eot
         out.append((index, line, tokens, None))
@@ -369,16 +395,17 @@ def _tokenize(task: tuple) -> tuple[list[tuple], Path, str]:
 
 
 def ordered_map(pool, fn, tasks: Iterable, ahead: int) -> Iterator:
-    """``fn`` over ``tasks`` in the pool, results in task order, with at most ``ahead`` tasks in
-    flight: the corpus is read as fast as it is tokenized, never into memory ahead of it
-    (``Pool.imap`` would queue every task at once)."""
+    """``fn`` over ``tasks`` in the executor, results in task order, with at most ``ahead`` tasks
+    in flight: the corpus is read as fast as it is tokenized, never into memory ahead of it
+    (``Pool.imap`` would queue every task at once). A worker that dies (killed for memory)
+    raises BrokenProcessPool here, where ``multiprocessing.Pool`` would wait forever."""
     window: collections.deque = collections.deque()
     for task in tasks:
-        window.append(pool.apply_async(fn, (task,)))
+        window.append(pool.submit(fn, task))
         if len(window) >= ahead:
-            yield window.popleft().get()
+            yield window.popleft().result()
     while window:
-        yield window.popleft().get()
+        yield window.popleft().result()
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -434,6 +461,13 @@ def prepare_corpus(
     tokenizer = tokenizer_from_meta(tokenizer_meta)
     eot_of(tokenizer)
     vocab_size, dtype = tokenizer.vocab_size, token_dtype(tokenizer.vocab_size)
+    overlap = {p.resolve() for p in inputs} & {p.resolve() for p in val_inputs or []}
+    if overlap:
+        raise CorpusError(f"{sorted(overlap)[0]} is in both --input and --val_input: a document may be in one "
+                          "split only")
+    if (folder / "meta.json").is_file() or (folder / "train.bin").is_file():
+        raise CorpusError(f"{folder} holds a dataset prepared from a text file; a dataset is never replaced: "
+                          "choose another --dataset name, or delete the folder first")
     files = [(p, "train") for p in inputs] + [(p, "val") for p in (val_inputs or [])]
     settings = dict(tokenizer=tokenizer_meta, inputs=describe_inputs([p for p, _ in files]),
                     input_splits=[s for _, s in files], val_fraction=val_fraction, text_field=text_field,
@@ -447,6 +481,8 @@ def prepare_corpus(
                           "replaced: choose another --dataset name, or delete the folder first")
     progress_dir = folder / PROGRESS_DIR
     progress_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(".*.tmp"):  # a shard being written when a prepare was killed
+        leftover.unlink()
     shards, saved = _load_progress(progress_dir, settings)
     writers = {s: ShardWriter(folder, s, shard_tokens, dtype, shards[s]) for s in ("train", "val")}
     resume = {s: (saved[s].index, saved[s].skip) for s in writers}  # fixed: what this run skips
@@ -489,7 +525,8 @@ def prepare_corpus(
     pool = None
     try:
         if workers > 1:  # spawn: no fork of a process whose tokenizer may hold threads
-            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_meta,))
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(tokenizer_meta,))
             results = ordered_map(pool, _tokenize, tasks(), ahead=2 * workers)
         else:
             _init_worker(tokenizer_meta)
@@ -512,9 +549,12 @@ def prepare_corpus(
                     commit(split, *((index, into) if into < whole else (index + 1, 0)))
         for writer in writers.values():
             writer.finish()
+    except BrokenProcessPool:
+        raise CorpusError("a tokenizing worker process died (killed for memory?); run the same command again "
+                          "(it resumes), with fewer --workers if memory is short") from None
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
     for split in writers:  # the documents after the last shard's start
         done = pending[split]
         saved[split].documents += sum(bad is None for _, bad in done)

@@ -170,6 +170,9 @@ def ensure_prepared(dataset: str, data_dir: str | Path = "data", input_path: str
             raise DataError(f"{folder} was prepared with the {prepared_with} tokenizer, not {tokenizer}; prepare "
                             "the corpus again with that tokenizer under another dataset name")
         return folder
+    if (folder / corpus.PROGRESS_DIR).is_dir():
+        raise DataError(f"{folder} holds a corpus whose prepare did not finish; run the same python -m train.data "
+                        "prepare command again (it resumes where it stopped)")
     missing = [name for name in ("train.bin", "val.bin", "meta.json") if not (folder / name).is_file()]
     if missing:
         if (folder / "meta.json").is_file() and input_path is None and dataset not in BUILTIN_DATASETS:
@@ -485,7 +488,7 @@ def prepare_corpus_from_args(args: argparse.Namespace, dataset: str | None) -> N
             Path(args.data_dir) / dataset, corpus.expand_inputs(args.input), corpus_tokenizer(args.tokenizer),
             val_inputs=corpus.expand_inputs(args.val_input) if args.val_input else None,
             val_fraction=args.val_fraction if args.val_fraction is not None else (0.0 if args.val_input else 0.01),
-            text_field=args.text_field or "text", workers=args.workers or 1,
+            text_field=args.text_field or "text", workers=1 if args.workers is None else args.workers,
             shard_tokens=args.shard_tokens or corpus.DEFAULT_SHARD_TOKENS, on_bad=args.on_bad or "skip",
             log=lambda message: log.info("%s", message))
     except corpus.BadDocumentError:
@@ -497,7 +500,10 @@ def prepare_corpus_from_args(args: argparse.Namespace, dataset: str | None) -> N
 def train_tokenizer_from_args(args: argparse.Namespace) -> None:
     from gpt.tokenizer_training import train_tokenizer
 
-    paths = corpus.expand_inputs(args.input)
+    try:
+        paths = corpus.expand_inputs(args.input)
+    except corpus.CorpusError as err:
+        raise DataError(str(err)) from None
     skipped = 0
 
     def texts() -> Iterator[str]:

@@ -193,6 +193,7 @@ class ShardWriter:
     def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype, done: list[dict] | None = None):
         self.folder, self.split, self.shard_tokens, self.dtype = folder, split, shard_tokens, dtype
         self.shards: list[dict] = list(done or [])  # {"file", "tokens", "sha256"} of the written shards
+        self.written = sum(shard["tokens"] for shard in self.shards)  # tokens in them, kept as a running sum
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
 
@@ -217,11 +218,12 @@ class ShardWriter:
         name = f"{self.split}_{len(self.shards):06d}.bin"
         shard = dict(file=name, tokens=len(tokens), sha256=write_shard(self.folder / name, tokens))
         self.shards.append(shard)
+        self.written += len(tokens)
         return shard
 
     @property
     def tokens(self) -> int:
-        return sum(s["tokens"] for s in self.shards) + self.pending_tokens
+        return self.written + self.pending_tokens
 
 
 def write_manifest(folder: Path, writers: dict[str, ShardWriter], tokenizer_meta: dict, vocab_size: int,
@@ -545,7 +547,7 @@ def prepare_corpus(
                 writer, whole = writers[split], len(tokens)
                 before = writer.tokens - skipped  # the stream position where this document starts
                 if writer.append(tokens[skipped:]):  # one or more shards written
-                    into = sum(s["tokens"] for s in writer.shards) - before  # its tokens in written shards
+                    into = writer.written - before  # its tokens in written shards
                     commit(split, *((index, into) if into < whole else (index + 1, 0)))
         for writer in writers.values():
             writer.finish()
@@ -591,16 +593,16 @@ def _load_progress(progress_dir: Path, settings: dict) -> tuple[dict[str, list],
     try:
         state = json.loads(path.read_text())
     except ValueError:
-        raise CorpusError(f"{path} is damaged; delete {progress_dir} to start afresh") from None
+        raise CorpusError(f"{path} is damaged; delete {progress_dir.parent} to start afresh") from None
     if state.get("settings") != settings:
         changed = [k for k in settings if state.get("settings", {}).get(k) != settings[k]]
         raise CorpusError(f"{progress_dir.parent} holds a prepare that was stopped with other "
                           f"{', '.join(changed)} (did an input change?); run it with what it had, or delete "
-                          f"{progress_dir} to start afresh")
+                          f"{progress_dir.parent} to start afresh")
     for shard in state["shards"]["train"] + state["shards"]["val"]:
         shard_path = progress_dir.parent / shard["file"]
         if not shard_path.is_file() or read_header(shard_path)[1] != shard["tokens"]:
-            raise CorpusError(f"{shard_path} is missing or damaged; delete {progress_dir} to start afresh")
+            raise CorpusError(f"{shard_path} is missing or damaged; delete {progress_dir.parent} to start afresh")
     return state["shards"], {s: SplitState(**v) for s, v in state["splits"].items()}
 
 
@@ -609,5 +611,8 @@ def _save_progress(progress_dir: Path, settings: dict, writers: dict[str, ShardW
     state = dict(settings=settings, shards={s: w.shards for s, w in writers.items()},
                  splits={s: vars(v) for s, v in saved.items()})
     tmp = progress_dir / f"state.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(state))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(state))
+        f.flush()
+        os.fsync(f.fileno())  # it names shards already on disk: a power cut must not lose it half-written
     os.replace(tmp, progress_dir / "state.json")

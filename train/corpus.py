@@ -34,6 +34,7 @@ or stops the prepare (``--on_bad=stop``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob as globlib
 import gzip
 import hashlib
@@ -446,7 +447,6 @@ def prepare_corpus(
 ) -> dict:
     """Tokenize ``inputs`` (and ``val_inputs``) into shards in ``folder``; returns the manifest.
     A prepare of the same inputs and settings that was killed continues from its last shards."""
-    from gpt.tokenizer import tokenizer_from_meta
 
     folder = Path(folder)
     if on_bad not in ("skip", "stop"):
@@ -460,6 +460,37 @@ def prepare_corpus(
                           "--val_input GLOB (other files), one of the two")
     if workers < 1:
         raise CorpusError(f"--workers must be >= 1, got {workers}")
+    # the workers start first: they load the tokenizer while this process checks it
+    with _worker_pool(workers, tokenizer_meta) as pool:
+        return _prepare(folder, inputs, tokenizer_meta, val_inputs, val_fraction, text_field, shard_tokens, on_bad,
+                        log, pool, workers)
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, tokenizer_meta: dict) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` tokenizing processes (spawned: no fork of a process whose tokenizer may hold
+    threads), or None for one worker: this process tokenizes."""
+    if workers == 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(tokenizer_meta,))
+    try:
+        for _ in range(workers):
+            pool.submit(int)  # the processes start now, not at the first batch
+        yield pool
+    except BrokenProcessPool:
+        raise CorpusError("a tokenizing worker process died (killed for memory?); run the same command again "
+                          "(it resumes), with fewer --workers if memory is short") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _prepare(folder: Path, inputs: list[Path], tokenizer_meta: dict, val_inputs: list[Path] | None,
+             val_fraction: float, text_field: str, shard_tokens: int, on_bad: str, log,
+             pool: ProcessPoolExecutor | None, workers: int) -> dict:
+    from gpt.tokenizer import tokenizer_from_meta
+
     tokenizer = tokenizer_from_meta(tokenizer_meta)
     eot_of(tokenizer)
     vocab_size, dtype = tokenizer.vocab_size, token_dtype(tokenizer.vocab_size)
@@ -524,39 +555,29 @@ def prepare_corpus(
         state.examples += [[i, bad] for i, bad in done if bad is not None][: MAX_REPORTED - len(state.examples)]
         _save_progress(progress_dir, settings, writers, saved)
 
-    pool = None
-    try:
-        if workers > 1:  # spawn: no fork of a process whose tokenizer may hold threads
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker, initargs=(tokenizer_meta,))
-            results = ordered_map(pool, _tokenize, tasks(), ahead=2 * workers)
-        else:
-            _init_worker(tokenizer_meta)
-            results = map(_tokenize, tasks())
-        for docs, path, file_split in results:
-            for index, line, tokens, error in docs:
-                split = split_of(index, file_split)
-                where = None if error is None else f"{path}:{line}: {error}"
-                pending[split].append((index, where))
-                if error is not None:
-                    if on_bad == "stop":
-                        raise BadDocumentError(f"bad document at {where} (--on_bad=stop; --on_bad=skip counts "
-                                               "and skips them)")
-                    continue
-                skipped = resume[split][1] if index == resume[split][0] else 0  # written before a restart
-                writer, whole = writers[split], len(tokens)
-                before = writer.tokens - skipped  # the stream position where this document starts
-                if writer.append(tokens[skipped:]):  # one or more shards written
-                    into = writer.written - before  # its tokens in written shards
-                    commit(split, *((index, into) if into < whole else (index + 1, 0)))
-        for writer in writers.values():
-            writer.finish()
-    except BrokenProcessPool:
-        raise CorpusError("a tokenizing worker process died (killed for memory?); run the same command again "
-                          "(it resumes), with fewer --workers if memory is short") from None
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+    if pool is not None:
+        results = ordered_map(pool, _tokenize, tasks(), ahead=2 * workers)
+    else:
+        _init_worker(tokenizer_meta)
+        results = map(_tokenize, tasks())
+    for docs, path, file_split in results:
+        for index, line, tokens, error in docs:
+            split = split_of(index, file_split)
+            where = None if error is None else f"{path}:{line}: {error}"
+            pending[split].append((index, where))
+            if error is not None:
+                if on_bad == "stop":
+                    raise BadDocumentError(f"bad document at {where} (--on_bad=stop; --on_bad=skip counts "
+                                           "and skips them)")
+                continue
+            skipped = resume[split][1] if index == resume[split][0] else 0  # written before a restart
+            writer, whole = writers[split], len(tokens)
+            before = writer.tokens - skipped  # the stream position where this document starts
+            if writer.append(tokens[skipped:]):  # one or more shards written
+                into = writer.written - before  # its tokens in written shards
+                commit(split, *((index, into) if into < whole else (index + 1, 0)))
+    for writer in writers.values():
+        writer.finish()
     for split in writers:  # the documents after the last shard's start
         done = pending[split]
         saved[split].documents += sum(bad is None for _, bad in done)

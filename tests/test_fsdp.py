@@ -149,12 +149,13 @@ def test_fsdp_resumes_at_another_rank_count(data_dir, tmp_path, fsdp_run):
 
 
 @pytest.mark.distributed
-def test_checkpoints_cross_between_single_and_fsdp(data_dir, tmp_path, single_run):
-    """One process to step 4, fsdp on 2 ranks to 6, one process again to 8."""
+def test_checkpoints_cross_between_strategies(data_dir, tmp_path, single_run):
+    """One process to step 4, fsdp on 2 ranks to 6, DDP on 2 ranks to 8 (single and ddp read an
+    fsdp checkpoint's optimizer shards alike: Strategy.load)."""
     out = tmp_path / "run"
     quiet(config(data_dir, out, max_iters=4))
     launch(flags(data_dir, out, strategy="fsdp", resume=True, max_iters=6))
-    quiet(config(data_dir, out, resume=True))
+    launch(flags(data_dir, out, strategy="ddp", resume=True))
     assert_continues(out, single_run, tol=1e-5)
 
 

@@ -435,3 +435,20 @@ def test_slices_of_the_stream(prepared):
                             for p in sorted(prepared.glob("train_*.bin"))])
     for a, b in ((0, 0), (5, 5), (19_999, 20_001), (20_000, 40_000), (n - 3, n), (n, n), (-10, None), (7, 3)):
         assert tokens[a:b].tolist() == whole[a:b].tolist(), (a, b)
+
+
+def test_verify_finds_a_damaged_shard(prepared, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    ok = helpers.run([sys.executable, "-m", "train.data", "verify", "--dataset", "copy", "--data_dir", str(tmp_path)])
+    assert ok.returncode == 0 and "every shard matches its sha256" in ok.stderr, ok.stderr
+    shard = copy / "train_000001.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one token changed: the header and size still agree
+    shard.write_bytes(bytes(data))
+    bad = helpers.run([sys.executable, "-m", "train.data", "verify", "--dataset", "copy", "--data_dir", str(tmp_path)])
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [f"error: {shard} does not match its sha256 in the manifest (train "
+                                               "split): damaged"]

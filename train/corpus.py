@@ -188,6 +188,30 @@ def open_split(folder: str | Path, split: str) -> ShardedTokens:
     return ShardedTokens(paths, counts, dtype)
 
 
+def verify_corpus(folder: str | Path) -> list[str]:
+    """Every problem of a prepared corpus, reading every shard: a missing or short file, a header
+    that disagrees with the manifest, a sha256 that does not match. Empty when it is sound."""
+    folder, problems = Path(folder), []
+    manifest = load_manifest(folder)
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            path = folder / shard["file"]
+            try:
+                _, count = read_header(path)
+            except CorpusError as err:
+                problems.append(str(err))
+                continue
+            if count != shard["tokens"]:
+                problems.append(f"{path} holds {count:,} tokens, the manifest says {shard['tokens']:,}")
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            if digest.hexdigest() != shard.get("sha256"):
+                problems.append(f"{path} does not match its sha256 in the manifest ({split} split): damaged")
+    return problems
+
+
 class ShardWriter:
     """Appends tokens to one split and writes a shard each time ``shard_tokens`` have gathered."""
 

@@ -6,6 +6,7 @@
     python -m train.data prepare --input 'corpus/*.jsonl.gz' --dataset owt --tokenizer gpt2 --workers 8 \
         --val_fraction 0.005                                      # a real corpus: token shards (train/corpus.py)
     python -m train.data tokenizer --input 'corpus/*.jsonl' --kind bpe --vocab_size 32768 --out tok/
+    python -m train.data verify --dataset owt                      # every shard against its sha256
 
 As in nanoGPT, the first 90% of the text is the training split and the last 10% the validation
 split; each part is encoded on its own (for Tiny Shakespeare with GPT-2 BPE that gives nanoGPT's
@@ -524,6 +525,22 @@ def train_tokenizer_from_args(args: argparse.Namespace) -> None:
              f"{tokenizer.vocab_size:,}", args.out, f" ({skipped} bad documents skipped)" if skipped else "", args.out)
 
 
+def verify_from_args(args: argparse.Namespace) -> int:
+    """Read every shard (a training start reads only their headers); 0 if all match the manifest."""
+    folder = Path(args.data_dir) / args.dataset
+    if not corpus.is_sharded(folder):
+        raise DataError(f"{folder} holds no prepared corpus (no {corpus.MANIFEST})")
+    try:
+        problems = corpus.verify_corpus(folder)
+    except corpus.CorpusError as err:
+        raise DataError(str(err)) from None
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not problems:
+        log.info("%s: every shard matches its sha256", folder)
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _OneLineErrorParser(prog="python -m train.data", description="Prepare token files for training.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
@@ -541,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--val_fraction", type=float, help="share of the documents in val (default: 0.01)")
     g.add_argument("--val_input", help="take val from these files instead (a glob)")
     g.add_argument("--on_bad", choices=("skip", "stop"), help="a bad document: skip and count it (default), or stop")
+    v = commands.add_parser("verify", help="check a prepared corpus's shards against their sha256")
+    v.add_argument("--dataset", required=True, help="the corpus's dataset name")
+    v.add_argument("--data_dir", default="data", help="where dataset folders go (default: data)")
     t = commands.add_parser("tokenizer", help="train a tokenizer on a corpus")
     t.add_argument("--input", required=True, help="a glob or folder of .txt, .jsonl[.gz|.zst] or .parquet files")
     t.add_argument("--kind", required=True, choices=("sentencepiece", "bpe"),
@@ -556,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tokenizer":
             train_tokenizer_from_args(args)
             return 0
+        if args.command == "verify":
+            return verify_from_args(args)
         dataset = args.dataset or (Path(args.input).stem if args.input else None)
         if is_corpus_request(args):
             if args.input is None:

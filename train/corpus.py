@@ -84,7 +84,7 @@ def write_shard(path: Path, tokens: np.ndarray) -> str:
     """Write one shard atomically (temporary name, fsync, rename); returns its sha256."""
     header = MAGIC + struct.pack("<IIQ", FORMAT_VERSION, tokens.dtype.itemsize, len(tokens))
     header += bytes(HEADER_BYTES - len(header))
-    data = tokens.tobytes()
+    data = memoryview(np.ascontiguousarray(tokens)).cast("B")  # the tokens' bytes, not a copy of them
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(header)
@@ -92,7 +92,9 @@ def write_shard(path: Path, tokens: np.ndarray) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return hashlib.sha256(header + data).hexdigest()
+    digest = hashlib.sha256(header)
+    digest.update(data)
+    return digest.hexdigest()
 
 
 def read_header(path: Path) -> tuple[np.dtype, int]:
@@ -148,10 +150,6 @@ class ShardedTokens:
         if not parts:
             return np.empty(0, dtype=self.dtype)
         return np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
-
-    def max(self) -> int:
-        """The largest token id (reads every shard: prepare's check, not training's)."""
-        return max((int(self._shard(i).max()) for i in range(len(self.paths)) if self.counts[i]), default=0)
 
 
 def is_sharded(folder: str | Path) -> bool:
@@ -217,7 +215,7 @@ class ShardWriter:
 
     def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype, done: list[dict] | None = None):
         self.folder, self.split, self.shard_tokens, self.dtype = folder, split, shard_tokens, dtype
-        self.shards: list[dict] = list(done or [])  # {"file", "tokens", "sha256"} of the written shards
+        self.shards: list[dict] = list(done or [])  # {"file", "tokens", "max_token_id", "sha256"} written
         self.written = sum(shard["tokens"] for shard in self.shards)  # tokens in them, kept as a running sum
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
@@ -241,7 +239,9 @@ class ShardWriter:
 
     def _write(self, tokens: np.ndarray) -> dict:
         name = f"{self.split}_{len(self.shards):06d}.bin"
-        shard = dict(file=name, tokens=len(tokens), sha256=write_shard(self.folder / name, tokens))
+        # the largest id, taken while the tokens are in memory: prepare's token-id check reads no shard back
+        shard = dict(file=name, tokens=len(tokens), max_token_id=int(tokens.max()) if len(tokens) else 0,
+                     sha256=write_shard(self.folder / name, tokens))
         self.shards.append(shard)
         self.written += len(tokens)
         return shard
@@ -455,6 +455,12 @@ class SplitState:
     bad: int = 0
     examples: list = field(default_factory=list)  # [doc index, "file:line: why"], the first MAX_REPORTED
 
+    def fold(self, events: list[tuple[int, str | None]]) -> None:
+        """Count documents (doc index, None if good else where and why it is bad) of this split."""
+        self.documents += sum(bad is None for _, bad in events)
+        self.bad += sum(bad is not None for _, bad in events)
+        self.examples += [[i, bad] for i, bad in events if bad is not None][: MAX_REPORTED - len(self.examples)]
+
 
 def prepare_corpus(
     folder: str | Path,
@@ -570,13 +576,9 @@ def _prepare(folder: Path, inputs: list[Path], tokenizer_meta: dict, val_inputs:
     def commit(split: str, index: int, skip: int) -> None:
         """A shard of ``split`` was written: record where the next one starts, and fold the
         documents before that point into the split's saved counts."""
-        state = saved[split]
-        done = [e for e in pending[split] if e[0] < index]
+        saved[split].fold([e for e in pending[split] if e[0] < index])
         pending[split] = [e for e in pending[split] if e[0] >= index]
-        state.index, state.skip = index, skip
-        state.documents += sum(bad is None for _, bad in done)
-        state.bad += sum(bad is not None for _, bad in done)
-        state.examples += [[i, bad] for i, bad in done if bad is not None][: MAX_REPORTED - len(state.examples)]
+        saved[split].index, saved[split].skip = index, skip
         _save_progress(progress_dir, settings, writers, saved)
 
     if pool is not None:
@@ -602,19 +604,14 @@ def _prepare(folder: Path, inputs: list[Path], tokenizer_meta: dict, val_inputs:
                 commit(split, *((index, into) if into < whole else (index + 1, 0)))
     for writer in writers.values():
         writer.finish()
-    for split in writers:  # the documents after the last shard's start
-        done = pending[split]
-        saved[split].documents += sum(bad is None for _, bad in done)
-        saved[split].bad += sum(bad is not None for _, bad in done)
-        saved[split].examples += [[i, bad] for i, bad in done if bad is not None]
+    for split in writers:
+        saved[split].fold(pending[split])  # the documents after the last shard's start
         if writers[split].tokens == 0:
             raise CorpusError(f"the {split} split is empty: give more documents (or a larger --val_fraction)")
-    streams = {s: ShardedTokens([folder / sh["file"] for sh in w.shards], [sh["tokens"] for sh in w.shards], dtype)
-               for s, w in writers.items()}  # fmt: skip
-    max_id = max(t.max() for t in streams.values())
+    max_id = max(shard["max_token_id"] for w in writers.values() for shard in w.shards)
     if max_id >= vocab_size:
-        raise CorpusError(f"token id {max_id} is outside the tokenizer's vocabulary of {vocab_size}: the shards "
-                          "are damaged; delete the folder and prepare again")
+        raise CorpusError(f"token id {max_id} is outside the tokenizer's vocabulary of {vocab_size}: the tokenizer "
+                          "is broken; delete the folder and prepare again with another")
     examples = sorted(e for s in saved.values() for e in s.examples)[:MAX_REPORTED]
     bad = sum(s.bad for s in saved.values())
     manifest = write_manifest(folder, writers, tokenizer_meta, vocab_size, max_id, dict(

@@ -167,7 +167,7 @@ def ensure_prepared(dataset: str, data_dir: str | Path = "data", input_path: str
             raise DataError(f"{folder} holds a sharded corpus; train on it with --dataset {dataset} alone, without "
                             "--input")
         prepared_with = load_meta(folder)["tokenizer"].get("name")
-        if tokenizer is not None and tokenizer not in (prepared_with, str(folder)):
+        if tokenizer is not None and tokenizer != prepared_with:
             raise DataError(f"{folder} was prepared with the {prepared_with} tokenizer, not {tokenizer}; prepare "
                             "the corpus again with that tokenizer under another dataset name")
         return folder

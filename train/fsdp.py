@@ -45,7 +45,7 @@ from train.config import ConfigError, TrainConfig
 from train.device import pick_device
 from train.distributed import TorchGroup
 from train.optim import build_optimizer
-from train.strategy import DCP_DIR, Strategy
+from train.strategy import DCP_DIR, Strategy, local_shard
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # the collectives FSDP2 needs, per device
 
@@ -108,7 +108,7 @@ class FSDPStrategy(Strategy):
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def local_parameters(self) -> list[torch.Tensor]:
-        return [p.to_local().detach() if isinstance(p, DTensor) else p.detach() for p in self.model.parameters()]
+        return [local_shard(p).detach() for p in self.model.parameters()]
 
     # --- checkpoints ---
 
@@ -127,18 +127,23 @@ class FSDPStrategy(Strategy):
 
     def load(self, directory: Path) -> dict:
         """Resume from an fsdp checkpoint written at any number of ranks, or from a single or ddp one."""
-        trainer, tensors = checkpoint.load_training_state(directory)
         if (directory / "deepspeed").is_dir():
             raise ConfigError(f"checkpoint {directory} was written by DeepSpeed (its optimizer state is in "
                               "deepspeed/); resume it with --strategy=deepspeed")
+        sharded = (directory / DCP_DIR).is_dir()
+        if sharded:  # the model and optimizer state are in the shards
+            trainer, tensors = checkpoint.load_training_state(directory)
+        else:  # single or ddp: the full weights, and the optimizer state in state.pt
+            resumed = checkpoint.load_checkpoint(directory, "cpu")
+            trainer, tensors = resumed.trainer, resumed.tensors
         try:
-            if (directory / DCP_DIR).is_dir():  # each rank reads the parts of the shards it now holds
+            if sharded:  # each rank reads the parts of the shards it now holds
                 model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
                 dcp.load(dict(model=model_state, optimizer=optimizer_state), checkpoint_id=directory / DCP_DIR)
                 set_state_dict(self.model, self.optimizer, model_state_dict=model_state,
                                optim_state_dict=optimizer_state)
-            else:  # single or ddp: the full weights and optimizer state, each rank keeping its shard of them
-                model_state, optimizer_state = self._full_state(directory, tensors["optimizer"])
+            else:  # each rank keeps its shard of the full state
+                model_state, optimizer_state = self._full_state(resumed.model, tensors["optimizer"])
                 set_state_dict(self.model, self.optimizer, model_state_dict=model_state,
                                optim_state_dict=optimizer_state, options=StateDictOptions(full_state_dict=True))
         except (CheckpointException, RuntimeError, ValueError, KeyError) as err:
@@ -149,10 +154,9 @@ class FSDPStrategy(Strategy):
         self._restore_rng(tensors, trainer)
         return trainer
 
-    def _full_state(self, directory: Path, optimizer_state: dict) -> tuple[dict, dict]:
-        """A single-process checkpoint's weights and AdamW state, the latter keyed by parameter
-        name (as ``set_state_dict`` takes it) instead of by position."""
-        model = checkpoint.load_checkpoint(directory, "cpu").model
+    def _full_state(self, model: torch.nn.Module, optimizer_state: dict) -> tuple[dict, dict]:
+        """A single-process checkpoint's weights (``model``, loaded) and AdamW state, the latter
+        keyed by parameter name (as ``set_state_dict`` takes it) instead of by position."""
         cfg = self.cfg
         optimizer = build_optimizer(model, "adamw", cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         optimizer.load_state_dict(optimizer_state)

@@ -142,9 +142,9 @@ class Strategy:
         master copies of the weights the optimizer updates in place of the model's (DeepSpeed's
         fp32 partitions). Gradients: None where the engine keeps them in buffers of its own."""
         params = {id(p) for p in self.model.parameters()}
-        state = [_local(t) for s in _optimizer_states(self.optimizer) for t in s.values() if torch.is_tensor(t)]
-        masters = [_local(p) for g in self.optimizer.param_groups for p in g["params"] if id(p) not in params]
-        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        state = [local_shard(t) for s in _optimizer_states(self.optimizer) for t in s.values() if torch.is_tensor(t)]
+        masters = [local_shard(p) for g in self.optimizer.param_groups for p in g["params"] if id(p) not in params]
+        grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
         return dict(parameters=_nbytes(self.local_parameters()),
                     gradients=None if self.name == "deepspeed" else _nbytes(grads),
                     optimizer_state=_nbytes(state) + _nbytes(masters))
@@ -243,7 +243,7 @@ class Strategy:
         self.group.teardown()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank; any other tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 

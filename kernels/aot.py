@@ -1,14 +1,16 @@
 """Ahead-of-time compile every Triton kernel configuration for sm_80 and sm_90, without a GPU.
 
-    python -m kernels.aot                 # table: kernel, arch, registers, spills, shared memory, wgmma
+    python -m kernels.aot                 # table: kernel, arch, registers, spills, shared memory, wgmma, TMA
     python -m kernels.aot --all           # every autotune configuration, not only the defaults
     python -m kernels.aot --arch 90 -j 4  # one architecture, four compiler processes
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole compiler
 down to a cubin with the ``ptxas`` shipped in the triton wheel, so resource problems (register
-spills, shared memory beyond the chip, no tensor-core ``wgmma`` on Hopper) show up on a
-laptop. Registers and spills come from ``cuobjdump -res-usage`` on the cubin (also in the
-wheel); dynamic shared memory from ``compiled.metadata.shared``.
+spills, shared memory beyond the chip, no tensor-core ``wgmma`` on Hopper, no bulk tensor copy
+``cp.async.bulk.tensor`` where a kernel was meant to use TMA) show up on a laptop. Registers
+and spills come from ``cuobjdump -res-usage`` on the cubin (also in the wheel); dynamic shared
+memory from ``compiled.metadata.shared``; ``wgmma`` and the bulk tensor copy from the PTX. A
+kernel at the 255-register cap is marked in the table.
 
 ``kernels/aot_specs.py`` lists what to compile, one dict per configuration a launcher may
 use, with keys ``name`` (str), ``fn`` (the ``@triton.jit`` function), ``signature`` (arg name ->
@@ -16,8 +18,9 @@ triton type such as ``"*bf16"``, ``"i32"``, ``"fp32"`` for every non-constexpr a
 ``constexprs`` (name -> value; may also pin an ordinary argument, e.g. a unit stride, as the JIT
 does at run time), ``num_warps`` and ``num_stages``; optionally ``divisible_by_16`` (integer
 argument names the JIT would see as multiples of 16, such as the row strides of contiguous
-tensors; pointers are always taken as 16-byte aligned) and ``default`` (False for
-configurations that only ``--all`` compiles; absent means True).
+tensors; pointers are always taken as 16-byte aligned), ``default`` (False for
+configurations that only ``--all`` compiles; absent means True), ``archs`` (the architectures
+it is compiled for; absent means all) and ``variant`` (a name the table shows).
 
 Under ``TRITON_INTERPRET=1`` (the test suite on a machine without a GPU) ``@triton.jit``
 returns interpreter objects that cannot be compiled, so :func:`report` always compiles in
@@ -39,6 +42,9 @@ from pathlib import Path
 ARCHS = (80, 90)
 # Largest dynamic shared memory one block may use: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# A thread's register ceiling: a kernel compiled at it has no room left, and ptxas has likely
+# traded instructions (rematerialisation) to stay there.
+REGISTER_CAP = 255
 
 
 @dataclasses.dataclass
@@ -51,7 +57,13 @@ class Result:
     spill_bytes: int = -1  # STACK + LOCAL bytes per thread from cuobjdump
     shared: int = -1  # dynamic shared memory in bytes
     wgmma: bool = False
+    tma: bool = False  # the PTX moves tiles with cp.async.bulk.tensor (tensor descriptors)
+    variant: str = ""
     error: str | None = None
+
+    @property
+    def at_cap(self) -> bool:
+        return self.registers >= REGISTER_CAP
 
     @property
     def ok(self) -> bool:
@@ -132,13 +144,14 @@ def compile_spec(spec: dict, arch: int) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    result = Result(spec["name"], arch, spec["num_warps"], spec["num_stages"])
+    result = Result(spec["name"], arch, spec["num_warps"], spec["num_stages"], variant=spec.get("variant", ""))
     try:
         options = dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"])
         compiled = triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32), options=options)
         result.registers, result.spill_bytes = _resource_usage(compiled.asm["cubin"])
         result.shared = int(compiled.metadata.shared)
         result.wgmma = "wgmma" in compiled.asm["ptx"]
+        result.tma = "cp.async.bulk.tensor" in compiled.asm["ptx"]
     except Exception as err:  # noqa: BLE001 -- reported per configuration, not fatal to the table
         result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     return result
@@ -151,7 +164,7 @@ def _selected(spec: dict, name_filter: str, everything: bool) -> bool:
 def _compile_shard(shard: int, shards: int, archs: tuple[int, ...], name_filter: str, everything: bool) -> list[Result]:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns when unset
     specs = [spec for spec in collect_specs() if _selected(spec, name_filter, everything)]
-    jobs = [(spec, arch) for spec in specs for arch in archs]
+    jobs = [(spec, arch) for spec in specs for arch in archs if arch in spec.get("archs", archs)]
     return [compile_spec(spec, arch) for i, (spec, arch) in enumerate(jobs) if i % shards == shard]
 
 
@@ -189,13 +202,15 @@ def report(
 
 
 def format_table(results: list[Result]) -> str:
-    header = ("kernel", "arch", "warps", "stages", "regs", "spill B", "smem KB", "limit KB", "wgmma", "status")
+    header = ("kernel", "arch", "warps", "stages", "regs", "spill B", "smem KB", "limit KB", "wgmma", "tma", "status")
     rows = []
     for r in results:
         status = "ok" if r.ok else (r.error or ("SPILLS" if r.spill_bytes else "SMEM > LIMIT"))
+        status += " (at the register cap)" if r.ok and r.at_cap else ""
         rows.append((
             r.name, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages), str(r.registers), str(r.spill_bytes),
-            f"{r.shared / 1024:.1f}", str(SHARED_LIMIT[r.arch] // 1024), "yes" if r.wgmma else "no", status,
+            f"{r.shared / 1024:.1f}", str(SHARED_LIMIT[r.arch] // 1024), "yes" if r.wgmma else "no",
+            "yes" if r.tma else "no", status,
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]

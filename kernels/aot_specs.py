@@ -28,6 +28,7 @@ from kernels.triton.configs import (
     PREPROCESS_BLOCK_M,
     attention_configs,
     layer_norm_config,
+    variant_switches,
 )
 
 
@@ -58,47 +59,68 @@ def _signature(fn, pointer_types: dict[str, str], floats: tuple[str, ...], const
     return sig
 
 
-def _in_ci_set(head_dim: int, dtype: str, dropout: bool) -> bool:
-    """The configurations the default AOT run (and CI) compiles: the first config of every bf16
-    list, plus dropout at GPT-2's head dim; ``python -m kernels.aot --all`` compiles the rest."""
-    return dtype == "bf16" and (not dropout or head_dim == 64)
+def _in_ci_set(head_dim: int, dtype: str, dropout: bool, first_of_variant: bool, variant: str) -> bool:
+    """The configurations the default AOT run (and CI) compiles: the first config of every
+    variant in every bf16 list at GPT-2's head dims (64, 128; today's kernel at every head dim),
+    plus dropout at 64; ``python -m kernels.aot --all`` compiles the rest."""
+    if dtype != "bf16" or not first_of_variant:
+        return False
+    if dropout:
+        return head_dim == 64
+    return head_dim >= 64 or variant == "today"
+
+
+# The GPU generation whose candidate lists each compiled architecture takes (configs.generation).
+GENERATIONS = {80: "sm80", 90: "sm90"}
 
 
 def attention_specs() -> list[dict]:
-    """One spec per configuration the autotuner may launch: every (kernel, head dim, element
-    size, dropout, config), causal (the training path; the non-causal one is a subset of its
-    code). Innermost strides are pinned to 1 and row strides marked multiples of 16, as the JIT
-    specialises contiguous inputs. ``default`` marks the few that CI compiles (``_in_ci_set``)."""
-    specs = []
+    """One spec per configuration the autotuner may launch: every (generation, kernel, head dim,
+    element size, dropout, config and its variant), compiled for that generation's arch only,
+    causal (the training path; the non-causal one is a subset of its code). Innermost strides
+    are pinned to 1 and row strides marked multiples of 16, as the JIT specialises contiguous
+    inputs. ``default`` marks the ones CI compiles (``_in_ci_set``)."""
+    specs: dict[str, dict] = {}
     floats = ("qk_scale", "sm_scale", "dropout_p", "dropout_scale")
     tensors = ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV")
-    for head_dim in HEAD_DIMS:
+    for (arch, gen), head_dim in itertools.product(GENERATIONS.items(), HEAD_DIMS):
         for dtype in ("bf16", "fp32"):
             pointers = {n: f"*{dtype}" for n in tensors} | {"LSE": "*fp32", "DELTA": "*fp32"}
             for (kind, (fn, variant)), dropout in itertools.product(_ATTENTION_KERNELS.items(), (False, True)):
                 unit_strides = {n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")}
-                configs = attention_configs(kind, head_dim, dtype == "fp32", dropout)
-                for i, (block_m, block_n, warps, stages) in enumerate(configs):
+                seen_variants = set()
+                for block_m, block_n, warps, stages, name in attention_configs(
+                    gen, kind, head_dim, dtype == "fp32", dropout
+                ):
                     constexprs = dict(
-                        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                        CAUSAL=True, DROPOUT=dropout, UPCAST=False, **variant, **unit_strides,
+                        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, DROPOUT=dropout,
+                        UPCAST=False, PHILOX_32=True, **variant, **variant_switches(kind, name), **unit_strides,
                     )  # fmt: skip
                     tag = f"D{head_dim},{dtype},M{block_m},N{block_n},w{warps},s{stages}{',dropout' * dropout}"
-                    specs.append(dict(
-                        name=f"attn_{kind}[{tag}]", fn=fn,
+                    spec_name = f"attn_{kind}[{tag}{'' if name == 'today' else ',' + name}]"
+                    default = _in_ci_set(head_dim, dtype, dropout, name not in seen_variants, name)
+                    seen_variants.add(name)
+                    if spec_name in specs:  # the same config in both generations' lists
+                        specs[spec_name]["archs"].append(arch)
+                        specs[spec_name]["default"] |= default
+                        continue
+                    specs[spec_name] = dict(
+                        name=spec_name, fn=fn, archs=[arch], variant=name,
                         signature=_signature(fn, pointers, floats, constexprs), constexprs=constexprs,
-                        num_warps=warps, num_stages=stages, default=i == 0 and _in_ci_set(head_dim, dtype, dropout),
+                        num_warps=warps, num_stages=stages, default=default,
                         divisible_by_16=[n for n in fn.arg_names if n.startswith("stride_") and n not in unit_strides],
-                    ))  # fmt: skip
+                    )  # fmt: skip
+    result = list(specs.values())
+    for head_dim in HEAD_DIMS:
         fn = attention_backward._attn_bwd_preprocess_kernel
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK_M, stride_od=1, stride_dod=1)
-        specs.append(dict(
+        result.append(dict(
             name=f"attn_bwd_preprocess[D{head_dim},bf16]", fn=fn,
             signature=_signature(fn, {"Out": "*bf16", "DO": "*bf16", "DELTA": "*fp32"}, floats, constexprs),
             constexprs=constexprs, num_warps=4, num_stages=1, default=head_dim >= 64,
             divisible_by_16=["stride_ob", "stride_oh", "stride_ot", "stride_dob", "stride_doh", "stride_dot"],
         ))  # fmt: skip
-    return specs
+    return result
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,12 @@ length, head dim, dtype, causal flag, batch and head count appears, and every pa
 Every case draws fresh random inputs, poisons the kernels' output buffers with NaN (so an
 element a kernel forgot to write fails), and compares the output and dq/dk/dv with
 ``kernels.reference`` run in float64 on the CPU.
+
+The kernels' variants (configs.VARIANTS: longest-first launch order, the tutorial's backward,
+TMA tensor descriptors, and their combinations) are forced one at a time with
+``configs.force_variant``: each passes a design of its own in the default run (every T, D,
+dtype and causal flag, unequal lengths, dropout) and the covering design and full grid under
+``slow``.
 """
 
 from __future__ import annotations
@@ -189,6 +195,106 @@ def test_other_tile_shapes(monkeypatch, blocks):
 
 
 # --------------------------------------------------------------------------------------------
+# Variants, forced one at a time
+# --------------------------------------------------------------------------------------------
+
+VARIANTS = [name for name in configs.VARIANTS if name != "today"]  # "today" is the grid above
+# Per variant: every T, D, dtype and causal flag once, B and H both ways, and Tq != Tk both ways.
+VARIANT_CASES = [
+    (1, 3, 1, 1, 64, True, torch.float32),
+    (2, 1, 17, 17, 128, False, torch.bfloat16),
+    (1, 1, 64, 64, 16, True, torch.float16),
+    (2, 3, 127, 127, 32, False, torch.float32),
+    (1, 1, 257, 257, 64, True, torch.bfloat16),
+    (1, 2, 37, 64, 128, True, torch.float16),
+    (2, 1, 64, 37, 32, True, torch.bfloat16),
+]
+
+
+@pytest.fixture
+def forced(request):
+    """Run the test under the variant given as its ``variant`` parameter."""
+    with configs.force_variant(request.getfixturevalue("variant")):
+        yield
+
+
+def _variant_id(case):
+    B, H, T_q, T_k, D, causal, dtype = case
+    return f"B{B}-H{H}-Tq{T_q}-Tk{T_k}-D{D}-{'causal' if causal else 'full'}-{str(dtype).removeprefix('torch.')}"
+
+
+def test_variant_cases_cover_every_value():
+    for position, values in ((2, SEQ_LENS), (4, HEAD_DIMS), (5, (True, False)), (6, DTYPES)):
+        assert {case[position] for case in VARIANT_CASES} >= set(values)
+    assert any(c[2] < c[3] for c in VARIANT_CASES) and any(c[2] > c[3] for c in VARIANT_CASES)
+
+
+@pytest.mark.usefixtures("forced")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=_variant_id)
+def test_variant_parity(variant, case):
+    B, H, T_q, T_k, D, causal, dtype = case
+    _check(B, H, T_q, T_k, D, causal, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("forced")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", FULL, ids=_case_id)
+def test_variant_parity_full_grid(variant, case):
+    B, H, T, D, causal, dtype = case
+    _check(B, H, T, T, D, causal, dtype)
+
+
+@pytest.mark.usefixtures("forced")
+@pytest.mark.parametrize("variant", ["tma", "tma+tutorial_bwd"])
+def test_variant_on_strided_inputs(variant):
+    """The GPT layout, (B, T, H, D) storage: descriptors step by T's stride, not D's."""
+    _check(2, 3, 45, 45, 32, True, torch.bfloat16, transpose_inputs=True)
+
+
+@pytest.mark.usefixtures("forced")
+@pytest.mark.parametrize("variant", ["tutorial_bwd", "tma+tutorial_bwd"])
+def test_tutorial_tiles(monkeypatch, variant):
+    """The tutorial's own backward tiles: 32 queries x 128 keys for dK/dV, 128 x 32 for dQ,
+    over lengths that end mid-tile (the interior loop stops short of the last, ragged tile)."""
+    if ON_GPU:
+        pytest.skip("tile shapes are chosen by the autotuner on a GPU")
+    monkeypatch.setattr(configs, "INTERPRET_CONFIG", {"fwd": (64, 32), "bwd_dkdv": (32, 128), "bwd_dq": (128, 32)})
+    _check(1, 2, 300, 300, 64, True, torch.bfloat16)
+    _check(1, 1, 200, 130, 32, False, torch.float16)
+
+
+def test_an_unknown_variant_is_a_value_error():
+    with pytest.raises(ValueError, match="tma"):
+        with configs.force_variant("tmaa"):
+            pass
+
+
+def test_tma_only_for_layouts_descriptors_can_address():
+    x = torch.randn(2, 3, 40, 64, dtype=torch.bfloat16)
+    assert configs.tma_eligible((x, x.transpose(1, 2).contiguous().transpose(1, 2)))
+    assert not configs.tma_eligible((x[..., 1:33],))  # start 2 bytes past an aligned address
+    assert not configs.tma_eligible((x.transpose(-1, -2),))  # D is not the unit-stride dimension
+    odd_rows = torch.randn(2, 3, 40, 72, dtype=torch.bfloat16)[..., :64]  # rows 144 bytes apart: fine
+    assert configs.tma_eligible((odd_rows,))
+    assert not configs.tma_eligible((torch.randn(1, 1, 40, 68, dtype=torch.bfloat16)[..., :64],))  # 136 bytes
+    if not ON_GPU:
+        with configs.force_variant("tma"):
+            _, meta = configs.attention_kernel("fwd", None, x, False, (x,))
+            assert meta["TMA"]
+            _, meta = configs.attention_kernel("fwd", None, x, False, (x[..., 1:33],))
+            assert not meta["TMA"]  # the pointer kernel instead
+        _check(1, 2, 40, 40, 32, True, torch.float32)
+
+
+def test_philox_32_only_where_every_counter_fits():
+    assert configs.philox_32bit(48, 1024, 1024)
+    assert not configs.philox_32bit(2048, 1024, 1024)  # 2^31 counters
+    assert not configs.philox_32bit(1, 65536, 65536)
+
+
+# --------------------------------------------------------------------------------------------
 # Dropout
 # --------------------------------------------------------------------------------------------
 
@@ -245,6 +351,31 @@ def test_dropout_same_seed_same_output():
 def test_dropout_backward_uses_the_forward_mask(B, H, T_q, T_k, causal, dtype):
     """Recover the mask for a seed, then run random data with the same seed: output and grads
     must match a float64 reference that applies exactly that mask."""
+    _check_dropout_mask_in_backward(B, H, T_q, T_k, causal, dtype)
+
+
+@pytest.mark.parametrize("variant", [None, *VARIANTS])
+@pytest.mark.parametrize("philox_32", [True, False], ids=["philox32", "philox64"])
+def test_dropout_in_every_variant(monkeypatch, variant, philox_32):
+    """Each variant, with 32-bit and 64-bit Philox counters: the backward applies the forward's mask."""
+    monkeypatch.setattr(configs, "PHILOX_32_ALLOWED", philox_32)
+    with configs.force_variant(variant):
+        _check_dropout_mask_in_backward(1, 2, 37, 50, True, torch.bfloat16)
+
+
+def test_32_bit_counters_draw_the_same_mask(monkeypatch):
+    """tl.rand runs the same Philox4x32 either way; 64-bit counters only add the high word (0
+    here) and 64-bit index arithmetic, so the cheaper 32-bit counters keep every mask as it was."""
+    masks = {}
+    for philox_32 in (True, False):
+        monkeypatch.setattr(configs, "PHILOX_32_ALLOWED", philox_32)
+        masks[philox_32], visible = _dropout_mask(1, 2, 64, 100, False, 0.3, seed=5)
+    assert torch.equal(masks[True], masks[False])
+    fraction = masks[True].sum().item() / visible.sum().item()
+    assert abs(fraction - 0.7) < 5 * math.sqrt(0.3 * 0.7 / visible.sum().item())
+
+
+def _check_dropout_mask_in_backward(B, H, T_q, T_k, causal, dtype):
     p, seed = 0.25, 99
     kept, _ = _dropout_mask(B, H, T_q, T_k, causal, p, seed)
     D = 64

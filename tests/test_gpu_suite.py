@@ -104,6 +104,15 @@ def test_rehearsal_in_the_simulated_gpu_image(tmp_path, gpu_image_env):
     checks = [r for r in records if r["kind"] == "check"]
     assert checks and all(c["passed"] for c in checks)
     assert any(r["stage"] == "attention" and r["group"] == "autotune winners" for r in figures)
+    # the variant race: every variant of the Hopper lists (the interpreter's) raced and checked
+    from kernels.triton import configs
+
+    variants = configs.race_variants(configs.INTERPRETER_ARCH)
+    raced = {r["name"] for r in figures if r["stage"] == "attention" and r["name"].startswith("triton[")}
+    assert raced == {f"triton[{v}]" for v in variants}
+    assert {r["name"].split(": ")[1] for r in figures if r.get("group") == "attention winners"} == {
+        "fastest triton variant", "fastest of all"}  # fmt: skip
+    assert {c["note"] for c in checks if c["note"].startswith("variant ")} == {f"variant {v}" for v in variants}
     assert json.loads((out / "tuning.json").read_text())["kernels"]
 
     # the report, rebuilt from results.jsonl alone, has every stage and the kept figures
@@ -272,9 +281,10 @@ def _attention(D: int = 16, T: int = 24) -> torch.Tensor:
 def test_autotune_winners_are_saved_and_reused(tmp_path, tuning):
     _attention()
     tuned = tuning.winners(tuned_here=True)
-    assert [w["kernel"] for w in tuned] == ["attn_fwd[D16,fp32]"]
+    assert [w["kernel"] for w in tuned] == ["attn_fwd[D16,fp32,sm90]"]
     assert len(tuned[0]["timings_ms"]) == 2  # two candidates timed, no more
-    assert tuned[0]["key_names"] == ["T_Q_KEY", "T_K_KEY", "CAUSAL"] and tuned[0]["key"][:3] == [32, 32, True]
+    assert tuned[0]["key_names"] == ["BH_KEY", "T_Q_KEY", "T_K_KEY", "CAUSAL"]
+    assert tuned[0]["key"][:4] == [2, 32, 32, True]
     path = tmp_path / "tuning.json"
     tuning.save(path, device="test device")
 
@@ -295,7 +305,7 @@ def test_only_candidate_runs_that_config_alone(tuning):
     from kernels import reference
     from kernels.triton.configs import attention_configs
 
-    candidates = [f"M{m} N{n} w{w} s{s}" for m, n, w, s in attention_configs("fwd", 16, True, False)[:2]]
+    candidates = [f"M{m} N{n} w{w} s{s}" for m, n, w, s, _ in attention_configs("sm90", "fwd", 16, True, False)[:2]]
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     expected = reference.attention(q, k, v, True, 0.0, 0.25)
     for index in (0, 1, 7):  # past the end of the list: its last config

@@ -37,5 +37,23 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def set_descriptor_allocator(t: torch.Tensor) -> None:
+    """Give Triton the allocator that kernels creating tensor descriptors (TMA) on the device
+    need: each program writes its descriptors to a small global scratch buffer. Triton keeps
+    the allocator in a context variable, so it is set per thread (autograd runs the backward
+    on a thread of its own) and only where none is set, leaving a caller's own in place."""
+    if not t.is_cuda:
+        return  # the interpreter keeps descriptors on the host
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch_allocator)
+
+
+def _scratch_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None

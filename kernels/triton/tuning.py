@@ -184,10 +184,12 @@ def forget() -> None:
 
 
 def label(config: triton.Config | dict) -> str:
-    """``M128 N64 w4 s3`` for BLOCK_M=128, BLOCK_N=64, 4 warps, 3 stages."""
+    """``M128 N64 w4 s3 +tma`` for BLOCK_M=128, BLOCK_N=64, 4 warps, 3 stages, TMA=True."""
     d = config if isinstance(config, dict) else _as_dict(config)
-    blocks = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in sorted(d["kwargs"].items()))
-    return f"{blocks} w{d['num_warps']} s{d['num_stages']}"
+    kwargs = d["kwargs"]
+    blocks = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in sorted(kwargs.items()) if not isinstance(v, bool))
+    switches = "".join(f" +{k.lower()}" for k, v in sorted(kwargs.items()) if v is True)
+    return f"{blocks} w{d['num_warps']} s{d['num_stages']}{switches}"
 
 
 def _as_dict(config: triton.Config) -> dict:

@@ -2,10 +2,14 @@
 
 Attention (stage c): causal, bf16, T 1024 to 8192, D 64 and 128, 16k tokens per call (B = 16384
 / T, H = 2048 / D). Forward, and forward + backward, as TFLOP/s (4·B·H·T²·D for the forward,
-halved for causal; the backward counts 2.5 times that). The peers: SDPA with each of its CUDA
-backends pinned (FlashAttention-2, cuDNN, memory-efficient), Dao-AILab's flash_attn where
-installed, and the plain-PyTorch reference where its T x T scores fit (T <= 2048). Every row
-gives its ratio to SDPA's flash backend.
+halved for causal; the backward counts 2.5 times that). Ours runs as the autotuner picks
+("triton") and as every kernel variant this GPU's candidate lists hold, forced one at a time
+("triton[tma]", "triton[today]" for the kernel as first written, ...; kernels/triton/configs.py),
+so the variants race each other and the peers on the same inputs. The peers: SDPA with each of
+its CUDA backends pinned (FlashAttention-2, cuDNN, memory-efficient), Dao-AILab's flash_attn
+where installed, and the plain-PyTorch reference where its T x T scores fit (T <= 2048). Every
+row gives its ratio to SDPA's flash backend, and each shape records its winner: the fastest
+Triton variant, and the fastest of all (group "attention winners").
 
 LayerNorm (stage d): LayerNorm and the fused residual add + LayerNorm, 16k rows of N 768,
 1024, 1600 and 4096, bf16: forward and forward + backward as GB/s of bytes read plus written,
@@ -27,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import kernels
 from benchmarks.common import attention_flops, ln_bytes
 from benchmarks.suite.stage import Stage
+from kernels.triton import configs
 
 SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
@@ -43,6 +48,13 @@ def attention_peers(stage: Stage) -> dict[str, Callable | str]:
     peers: dict[str, Callable | str] = {
         "triton": lambda q, k, v: kernels.attention(q, k, v, causal=True, backend="triton")
     }
+    for variant in configs.race_variants(configs.generation(torch.device(stage.device))):
+
+        def forced(q, k, v, variant=variant):
+            with configs.force_variant(variant):  # the backward, run inside autograd.grad, too
+                return kernels.attention(q, k, v, causal=True, backend="triton")
+
+        peers[f"triton[{variant}]"] = forced
     for name, backend in SDPA_BACKENDS.items():
         def sdpa(q, k, v, backend=backend):
             with sdpa_kernel(backend):
@@ -116,7 +128,24 @@ def time_attention(stage: Stage, peers: dict[str, Callable | str], B: int, H: in
         else:
             fns[name] = lambda attn=attn: torch.autograd.grad(attn(q, k, v), (q, k, v), do)
     times = stage.interleaved(_warm(stage, group, fns), stage.rounds(ROUNDS))
-    _record(stage, group, times, attention_flops(B, H, T, D, True, mode), "TFLOP/s", shape, BASELINE)
+    work = attention_flops(B, H, T, D, True, mode)
+    _record(stage, group, times, work, "TFLOP/s", shape, BASELINE)
+    record_winners(stage, f"{mode} {shape}", times, work)
+
+
+def record_winners(stage: Stage, case: str, times: dict, work: float) -> None:
+    """The fastest Triton row of one shape and the fastest row of all, by median time, each
+    with its ratio to SDPA's flash backend: what the candidate lists' order should follow."""
+    ours = {name: t for name, t in times.items() if name.startswith("triton")}
+    if not ours:
+        return
+    baseline = times.get(BASELINE)
+    for label, pool in (("fastest triton variant", ours), ("fastest of all", times)):
+        name = min(pool, key=lambda n: pool[n][0])
+        median = pool[name][0]
+        ratio = f", {baseline[0] / median:.2f}x {BASELINE}" if baseline else ""
+        stage.figure("attention winners", f"{case}: {label}", work / median / 1e12, "TFLOP/s", shape=case,
+                     backend=name, note=f"{name}{ratio}")  # fmt: skip
 
 
 def _no_grad(fn: Callable, *args):

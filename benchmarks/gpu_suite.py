@@ -73,9 +73,9 @@ GPU_PLAN = [
 # The rehearsal: the same stages at toy sizes, with a planted overrun and crash in the middle,
 # so the stages after them prove that the suite goes on.
 REHEARSAL_PLAN = [
-    Plan("card", 6, 4), Plan("parity", 20, 8), Plan("attention", 16, 5), Plan("layer_norm", 16, 4),
+    Plan("card", 6, 4), Plan("parity", 20, 8), Plan("attention", 34, 5), Plan("layer_norm", 10, 4),
     Plan("overrun", 8, 3, planted="killed"), Plan("crash", 8, 3, planted="crashed"),
-    Plan("train", 40, 8), Plan("generate", 9, 4),
+    Plan("train", 32, 8), Plan("generate", 7, 4),
 ]  # fmt: skip
 
 

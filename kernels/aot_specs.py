@@ -86,7 +86,7 @@ def attention_specs() -> list[dict]:
     for (arch, gen), head_dim in itertools.product(GENERATIONS.items(), HEAD_DIMS):
         for dtype in ("bf16", "fp32"):
             pointers = {n: f"*{dtype}" for n in tensors} | {"LSE": "*fp32", "DELTA": "*fp32"}
-            for (kind, (fn, variant)), dropout in itertools.product(_ATTENTION_KERNELS.items(), (False, True)):
+            for (kind, (fn, selector)), dropout in itertools.product(_ATTENTION_KERNELS.items(), (False, True)):
                 unit_strides = {n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")}
                 seen_variants = set()
                 for block_m, block_n, warps, stages, name in attention_configs(
@@ -94,22 +94,28 @@ def attention_specs() -> list[dict]:
                 ):
                     constexprs = dict(
                         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, DROPOUT=dropout,
-                        UPCAST=False, PHILOX_32=True, **variant, **variant_switches(kind, name), **unit_strides,
+                        UPCAST=False, PHILOX_32=True, **selector, **variant_switches(kind, name), **unit_strides,
                     )  # fmt: skip
                     tag = f"D{head_dim},{dtype},M{block_m},N{block_n},w{warps},s{stages}{',dropout' * dropout}"
                     spec_name = f"attn_{kind}[{tag}{'' if name == 'today' else ',' + name}]"
                     default = _in_ci_set(head_dim, dtype, dropout, name not in seen_variants, name)
                     seen_variants.add(name)
+                    wide_name = f"{spec_name[:-1]},philox64]"  # --all: the 64-bit dropout counters too
                     if spec_name in specs:  # the same config in both generations' lists
                         specs[spec_name]["archs"].append(arch)
                         specs[spec_name]["default"] |= default
+                        if wide_name in specs:
+                            specs[wide_name]["archs"].append(arch)
                         continue
+                    strides_16 = [n for n in fn.arg_names if n.startswith("stride_") and n not in unit_strides]
                     specs[spec_name] = dict(
                         name=spec_name, fn=fn, archs=[arch], variant=name,
                         signature=_signature(fn, pointers, floats, constexprs), constexprs=constexprs,
-                        num_warps=warps, num_stages=stages, default=default,
-                        divisible_by_16=[n for n in fn.arg_names if n.startswith("stride_") and n not in unit_strides],
+                        num_warps=warps, num_stages=stages, default=default, divisible_by_16=strides_16,
                     )  # fmt: skip
+                    if dropout:  # counters past 2^31 (B * H * T^2 with dropout) take 64-bit arithmetic
+                        specs[wide_name] = dict(specs[spec_name], name=wide_name, archs=[arch], default=False,
+                                                constexprs={**constexprs, "PHILOX_32": False})  # fmt: skip
     result = list(specs.values())
     for head_dim in HEAD_DIMS:
         fn = attention_backward._attn_bwd_preprocess_kernel

@@ -49,12 +49,7 @@ def attention_peers(stage: Stage) -> dict[str, Callable | str]:
         "triton": lambda q, k, v: kernels.attention(q, k, v, causal=True, backend="triton")
     }
     for variant in configs.race_variants(configs.generation(torch.device(stage.device))):
-
-        def forced(q, k, v, variant=variant):
-            with configs.force_variant(variant):  # the backward, run inside autograd.grad, too
-                return kernels.attention(q, k, v, causal=True, backend="triton")
-
-        peers[f"triton[{variant}]"] = forced
+        peers[f"triton[{variant}]"] = Forced(variant)
     for name, backend in SDPA_BACKENDS.items():
         def sdpa(q, k, v, backend=backend):
             with sdpa_kernel(backend):
@@ -66,6 +61,24 @@ def attention_peers(stage: Stage) -> dict[str, Callable | str]:
         peers["flash_attn"] = "skipped: flash_attn is not installed here"
     peers["torch"] = lambda q, k, v: kernels.attention(q, k, v, causal=True, backend="torch")
     return peers
+
+
+class Forced:
+    """Our attention with one kernel variant forced. Call it through ``timed``: the variant
+    must stay forced until the backward has run too, and autograd runs that after the call."""
+
+    def __init__(self, variant: str) -> None:
+        self.variant = variant
+
+    def __call__(self, q, k, v):
+        return kernels.attention(q, k, v, causal=True, backend="triton")
+
+    def timed(self, fn: Callable[[], object]) -> Callable[[], object]:
+        def run():
+            with configs.force_variant(self.variant):
+                return fn()
+
+        return run
 
 
 def _warm(stage: Stage, group: str, fns: dict[str, Callable]) -> dict[str, Callable]:
@@ -117,16 +130,22 @@ def time_attention(stage: Stage, peers: dict[str, Callable | str], B: int, H: in
     q, k, v, do = (torch.randn(B, H, T, D, device=stage.device, dtype=torch.bfloat16) for _ in range(4))
     if mode == "fwd+bwd":
         q, k, v = (t.requires_grad_() for t in (q, k, v))
+    generation = configs.generation(q.device)
     fns = {}
     for name, attn in peers.items():
+        forced = isinstance(attn, Forced)
         if isinstance(attn, str):
             stage.note(group, name, attn)
         elif name == "torch" and T > TORCH_REFERENCE_MAX_T:
             continue
+        elif mode == "fwd" and forced and "fwd" not in configs.variant_kinds(generation, attn.variant):
+            stage.note(group, name, f"{attn.variant} changes the backward only; its forward is the autotuned one")
         elif mode == "fwd":
             fns[name] = lambda attn=attn: _no_grad(attn, q, k, v)
         else:
             fns[name] = lambda attn=attn: torch.autograd.grad(attn(q, k, v), (q, k, v), do)
+        if forced and name in fns:
+            fns[name] = attn.timed(fns[name])
     times = stage.interleaved(_warm(stage, group, fns), stage.rounds(ROUNDS))
     work = attention_flops(B, H, T, D, True, mode)
     _record(stage, group, times, work, "TFLOP/s", shape, BASELINE)

@@ -26,7 +26,7 @@ from kernels.triton.attention_forward import (
     _key_range,
     _load_two,
     _program_block,
-    _rng_base,
+    _rng_counters,
     _rows_desc,
     _rows_ptrs,
     _store_rows,
@@ -74,7 +74,7 @@ def _query_range(start_n, T_Q, T_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row,
     stride_qt, stride_qd, stride_dot, stride_dod,
-    seed, rng_base, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, lo, hi,
+    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, BOUNDED: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRESCALED: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
@@ -108,7 +108,7 @@ def _attn_bwd_dkdv_inner(
         if MASKED:
             pt = tl.where(cols[:, None] <= rows[None, :] + (T_K - T_Q), pt, 0.0)
         if DROPOUT:
-            keep = tl.rand(seed, rng_base + rows[None, :] * T_K + cols[:, None]) >= dropout_p
+            keep = tl.rand(seed, rng_base + rows[None, :] * rng_row + cols[:, None]) >= dropout_p
             pt_dropped = tl.where(keep, pt * dropout_scale, 0.0)
         else:
             pt_dropped = pt
@@ -124,7 +124,7 @@ def _attn_bwd_dkdv_inner(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-    seed, rng_base, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, lo, hi,
+    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRESCALED: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
@@ -154,7 +154,7 @@ def _attn_bwd_dq_inner(
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, vt)
         if DROPOUT:
-            keep = tl.rand(seed, rng_base + rows[:, None] * T_K + cols[None, :]) >= dropout_p
+            keep = tl.rand(seed, rng_base + rows[:, None] * rng_row + cols[None, :]) >= dropout_p
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -221,28 +221,28 @@ def _attn_bwd_kernel(
             k = _prescale(k, qk_scale, K.dtype.element_ty, UPCAST)
         LSE_row = LSE + bh.to(tl.int64) * T_Q
         DELTA_row = DELTA + bh.to(tl.int64) * T_Q
-        rng_base = _rng_base(bh, T_Q, T_K, PHILOX_32)  # dropout: the forward's Philox counters
+        rng_base, rng_row = _rng_counters(bh, T_Q, T_K, PHILOX_32)  # dropout: the forward's Philox counters
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         lo, mid = _query_range(start_n, T_Q, T_K, BLOCK_M, BLOCK_N, CAUSAL)
         # the query tiles on the causal diagonal (causal only): masked; then those that see every key
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
-            seed, rng_base, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, lo, mid,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, lo, mid,
             HEAD_DIM, BLOCK_M, True, True, DROPOUT, UPCAST, PRESCALED, TMA,
         )  # fmt: skip
         if INTERIOR_UNMASKED:  # the tiles wholly before T_Q without bounds masks, then the ragged one
             interior = tl.maximum((T_Q // BLOCK_M) * BLOCK_M, mid)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
-                seed, rng_base, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, mid, interior,
+                seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, mid, interior,
                 HEAD_DIM, BLOCK_M, False, False, DROPOUT, UPCAST, PRESCALED, TMA,
             )  # fmt: skip
         else:
             interior = mid
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
-            seed, rng_base, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, interior, T_Q,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, interior, T_Q,
             HEAD_DIM, BLOCK_M, False, True, DROPOUT, UPCAST, PRESCALED, TMA,
         )  # fmt: skip
         dk = dk * sm_scale  # S = scale * Q K^T, so dK = scale * dS^T Q
@@ -275,18 +275,18 @@ def _attn_bwd_kernel(
             q = _prescale(q, qk_scale, Q.dtype.element_ty, UPCAST)
         lse = tl.load(LSE + bh.to(tl.int64) * T_Q + rows, mask=rows < T_Q, other=float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * T_Q + rows, mask=rows < T_Q, other=0.0)
-        rng_base = _rng_base(bh, T_Q, T_K, PHILOX_32)
+        rng_base, rng_row = _rng_counters(bh, T_Q, T_K, PHILOX_32)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         mid, hi = _key_range(start_m, T_Q, T_K, BLOCK_M, BLOCK_N, CAUSAL)
         # keys every query of the block sees: no mask; then the causal diagonal and the ragged end: masked
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-            seed, rng_base, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, 0, mid,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, 0, mid,
             HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, UPCAST, PRESCALED, TMA,
         )  # fmt: skip
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-            seed, rng_base, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, mid, hi,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, mid, hi,
             HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, UPCAST, PRESCALED, TMA,
         )  # fmt: skip
         dq = dq * sm_scale

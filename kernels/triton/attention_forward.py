@@ -106,15 +106,17 @@ def _key_range(start_m, T_Q, T_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _rng_base(bh, T_Q, T_K, PHILOX_32: tl.constexpr):
-    """The first dropout counter of head ``bh``: one Philox counter per (bh, query, key). In
-    int32 when every counter fits (PHILOX_32): ``tl.rand`` draws the same numbers either way
-    (Philox4x32; a 64-bit counter adds its high word, here 0), but the per-element index
-    arithmetic and the high word's extraction are then 32-bit instead of 64-bit instructions."""
+def _rng_counters(bh, T_Q, T_K, PHILOX_32: tl.constexpr):
+    """(first counter, counters per query row) of head ``bh``'s dropout: one Philox counter per
+    (bh, query, key), ``first + row * per_row + key``. In int32 when every counter fits
+    (PHILOX_32), else in int64 throughout. ``tl.rand`` draws the same numbers either way
+    (Philox4x32; a 64-bit counter adds its high word, 0 below 2^32): the switch saves the
+    per-element 64-bit index arithmetic and the high word's extraction."""
     if PHILOX_32:
-        return bh * T_Q * T_K
+        return bh * T_Q * T_K, T_K
     else:
-        return bh.to(tl.int64) * T_Q * T_K
+        per_row = tl.cast(T_K, tl.int64)
+        return bh.to(tl.int64) * T_Q * per_row, per_row
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +127,7 @@ def _rng_base(bh, T_Q, T_K, PHILOX_32: tl.constexpr):
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-    seed, rng_base, T_Q, T_K, qk_scale, dropout_p, offs_m, lo, hi,
+    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, offs_m, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
@@ -162,7 +164,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:  # the normaliser above counts every p; only the output sees the dropped ones
-            rng_offs = rng_base + offs_m[:, None] * T_K + cols[None, :]
+            rng_offs = rng_base + offs_m[:, None] * rng_row + cols[None, :]
             p = tl.where(tl.rand(seed, rng_offs) >= dropout_p, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
@@ -198,7 +200,7 @@ def _attn_fwd_kernel(
         V_src = V + b * stride_vb + h * stride_vh
     if UPCAST:
         q = q.to(tl.float32)
-    rng_base = _rng_base(bh, T_Q, T_K, PHILOX_32)
+    rng_base, rng_row = _rng_counters(bh, T_Q, T_K, PHILOX_32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -207,13 +209,13 @@ def _attn_fwd_kernel(
     # stage 1: tiles that every query of the block sees in full -- no mask
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-        seed, rng_base, T_Q, T_K, qk_scale, dropout_p, offs_m, 0, mid,
+        seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, offs_m, 0, mid,
         HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, UPCAST, TMA,
     )  # fmt: skip
     # stage 2: the tiles on the causal diagonal and the ragged last tile -- masked
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-        seed, rng_base, T_Q, T_K, qk_scale, dropout_p, offs_m, mid, hi,
+        seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, offs_m, mid, hi,
         HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, UPCAST, TMA,
     )  # fmt: skip
 

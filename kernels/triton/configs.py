@@ -44,8 +44,9 @@ KERNEL_SWITCHES = {
     "bwd_dq": ("LONGEST_FIRST", "TMA", "PRESCALED", "INTERIOR_UNMASKED"),
 }
 # A variant is a named set of switches; candidate configs name theirs. "today" has none: the
-# kernel as first written (pointer loads, ascending launch order). On sm_90 its entries keep
-# the tiles it first had (the race's baseline); on sm_80 those at the register cap were moved.
+# kernel as first written (pointer loads, ascending launch order). Its plain (no dropout)
+# 16-bit entries on sm_90 are mostly the tiles it first had, the race's baseline; entries that
+# sat at the register cap (on either generation, with triton 3.6 or 3.9) were replaced.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "today": (),
     "longest_first": ("LONGEST_FIRST",),
@@ -62,11 +63,11 @@ PHILOX_32_ALLOWED = True
 _forced_variant: str | None = None
 
 
-def philox_32bit(heads: int, t_q: int, t_k: int) -> bool:
+def philox_32bit(batch_heads: int, t_q: int, t_k: int) -> bool:
     """Whether every dropout counter ``bh * T_q * T_k + row * T_k + col`` fits in int32, padded
     rows and columns of the last tiles (up to 256) included: then the kernels compute their
-    counters in 32-bit arithmetic (the same numbers; attention_forward._rng_base)."""
-    return PHILOX_32_ALLOWED and (heads * t_q + 256) * (t_k + 256) < 2**31
+    counters in 32-bit arithmetic (the same numbers; attention_forward._rng_counters)."""
+    return PHILOX_32_ALLOWED and (batch_heads * t_q + 256) * (t_k + 256) < 2**31
 
 
 @contextlib.contextmanager
@@ -94,7 +95,8 @@ def force_variant(name: str | None) -> Iterator[None]:
 # sm80 (Ampere, and any GPU but Hopper): the pointer kernel. sm90 (Hopper): every variant, so
 # that the autotuner chooses between them and the GPU suite can race them; until the suite has
 # measured them on a Hopper card the lists lead with the Triton tutorial's choices (TMA in the
-# forward; 32 x 128 dK/dV and 128 x 32 dQ tiles, 5 stages, pre-scaled operand in the backward).
+# forward; 32 x 128 dK/dV tiles (32 x 64 at D = 128, where 128 keys spill) and 128 x 32 dQ
+# tiles, 5 stages, the pre-scaled operand in the backward).
 Config = tuple[int, int, int, int, str]
 
 
@@ -131,7 +133,7 @@ ATTENTION_CONFIGS: dict[tuple[str, str, str, str], dict[str, list[Config]]] = {
     ("sm80", "bwd_dq", "d16-32", "16bit"): dict(
         plain=_variant("today", (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3))
         + _variant("longest_first", (128, 32, 4, 3)),
-        dropout=_variant("today", (128, 32, 4, 3), (64, 32, 4, 4))),
+        dropout=_variant("today", (128, 32, 8, 3), (64, 32, 4, 4))),
     ("sm80", "bwd_dq", "d64", "16bit"): dict(
         plain=_variant("today", (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3))
         + _variant("longest_first", (128, 64, 8, 3)),
@@ -139,12 +141,12 @@ ATTENTION_CONFIGS: dict[tuple[str, str, str, str], dict[str, list[Config]]] = {
     ("sm80", "bwd_dq", "d128", "16bit"): dict(
         plain=_variant("today", (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3))
         + _variant("longest_first", (128, 32, 8, 2)),
-        dropout=_variant("today", (128, 32, 8, 2), (64, 32, 4, 3))),
+        dropout=_variant("today", (64, 32, 8, 2), (32, 32, 4, 3))),
     # fp32 inputs (tf32 dots): today's kernel on every generation
     ("sm80", "fwd", "d16-32", "fp32"): dict(
         plain=_variant("today", (64, 32, 4, 2), (64, 64, 4, 2)), dropout=_variant("today", (64, 32, 4, 2))),
     ("sm80", "fwd", "d64", "fp32"): dict(
-        plain=_variant("today", (64, 32, 4, 2), (64, 64, 4, 2)), dropout=_variant("today", (64, 32, 4, 2))),
+        plain=_variant("today", (64, 32, 4, 2), (64, 64, 4, 2)), dropout=_variant("today", (64, 16, 4, 2))),
     ("sm80", "fwd", "d128", "fp32"): dict(
         plain=_variant("today", (32, 32, 4, 2), (64, 32, 8, 2)), dropout=_variant("today", (32, 32, 4, 2))),
     ("sm80", "bwd_dkdv", "d16-32", "fp32"): dict(
@@ -192,7 +194,7 @@ ATTENTION_CONFIGS: dict[tuple[str, str, str, str], dict[str, list[Config]]] = {
         plain=_variant("tutorial_bwd", (128, 32, 4, 5), (128, 32, 4, 3)) + _variant("tma+tutorial_bwd", (128, 32, 4, 5))
         + _variant("today", (128, 32, 4, 3), (128, 64, 8, 3)) + _variant("longest_first", (128, 32, 4, 3))
         + _variant("tma", (128, 32, 4, 3)),
-        dropout=_variant("today", (128, 32, 4, 3), (64, 32, 4, 4)) + _variant("tutorial_bwd", (128, 32, 4, 3))),
+        dropout=_variant("today", (128, 32, 8, 3), (64, 32, 4, 4)) + _variant("tutorial_bwd", (128, 32, 8, 3))),
     ("sm90", "bwd_dq", "d64", "16bit"): dict(
         plain=_variant("tutorial_bwd", (128, 32, 8, 5), (128, 32, 4, 3)) + _variant("tma+tutorial_bwd", (128, 32, 4, 5))
         + _variant("today", (128, 64, 8, 3), (64, 32, 4, 4)) + _variant("longest_first", (128, 64, 8, 3))
@@ -224,6 +226,15 @@ def race_variants(gen: str) -> list[str]:
         if g == gen and precision == "16bit":
             names += [e[4] for e in lists["plain"] if e[4] not in names]
     return names
+
+
+def variant_kinds(gen: str, variant: str) -> set[str]:
+    """The kernels (fwd, bwd_dkdv, bwd_dq) whose 16-bit lists on ``gen`` hold ``variant``."""
+    return {
+        kind
+        for (g, kind, _group, precision), lists in ATTENTION_CONFIGS.items()
+        if g == gen and precision == "16bit" and any(e[4] == variant for e in lists["plain"])
+    }
 
 
 def variant_switches(kind: str, variant: str) -> dict[str, bool]:
@@ -274,8 +285,10 @@ def _candidates(
 ) -> tuple[str, list[triton.Config]]:
     """The autotuner's name for this kernel variant, and its candidate configs."""
     entries = attention_configs(gen, kind, head_dim, fp32, dropout)
-    if not tma_ok:
-        entries = [e for e in entries if "TMA" not in VARIANTS[e[4]]]
+    pointer_only = [e for e in entries if "TMA" not in VARIANTS[e[4]]]
+    tma_dropped = not tma_ok and len(pointer_only) < len(entries)
+    if tma_dropped:
+        entries = pointer_only
     forced = forced if forced is not None and any(e[4] == forced for e in entries) else None
     if forced is not None:
         entries = [e for e in entries if e[4] == forced]
@@ -284,7 +297,7 @@ def _candidates(
         for m, n, w, s, variant in entries
     ]
     tags = [f"D{head_dim}", "fp32" if fp32 else "16bit", gen] + ["dropout"] * dropout
-    tags += [] if tma_ok else ["no-tma"]
+    tags += ["no-tma"] if tma_dropped else []
     tags += [f"variant={forced}"] if forced else []
     return f"attn_{kind}[{','.join(tags)}]", configs
 

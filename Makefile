@@ -30,7 +30,7 @@ sample: install
 	$(PY) -m gpt.sample --out_dir=$(OUT) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 bench: install
 	mkdir -p .benchmarks

@@ -354,10 +354,14 @@ def test_dropout_backward_uses_the_forward_mask(B, H, T_q, T_k, causal, dtype):
     _check_dropout_mask_in_backward(B, H, T_q, T_k, causal, dtype)
 
 
-@pytest.mark.parametrize("variant", [None, *VARIANTS])
-@pytest.mark.parametrize("philox_32", [True, False], ids=["philox32", "philox64"])
+@pytest.mark.parametrize(
+    "variant, philox_32",
+    [(variant, True) for variant in [None, *VARIANTS]] + [(None, False), ("tma+tutorial_bwd", False)],
+    ids=lambda v: {True: "philox32", False: "philox64"}.get(v, v),
+)
 def test_dropout_in_every_variant(monkeypatch, variant, philox_32):
-    """Each variant, with 32-bit and 64-bit Philox counters: the backward applies the forward's mask."""
+    """Each variant (32-bit counters), and the 64-bit counters through the pointer and the TMA
+    kernels: the backward applies the forward's mask."""
     monkeypatch.setattr(configs, "PHILOX_32_ALLOWED", philox_32)
     with configs.force_variant(variant):
         _check_dropout_mask_in_backward(1, 2, 37, 50, True, torch.bfloat16)

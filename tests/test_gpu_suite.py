@@ -107,7 +107,7 @@ def test_rehearsal_in_the_simulated_gpu_image(tmp_path, gpu_image_env):
     # the variant race: every variant of the Hopper lists (the interpreter's) raced and checked
     from kernels.triton import configs
 
-    variants = configs.race_variants(configs.INTERPRETER_ARCH)
+    variants = configs.race_variants(configs.INTERPRETER_GENERATION)
     raced = {r["name"] for r in figures if r["stage"] == "attention" and r["name"].startswith("triton[")}
     assert raced == {f"triton[{v}]" for v in variants}
     assert {r["name"].split(": ")[1] for r in figures if r.get("group") == "attention winners"} == {

@@ -57,7 +57,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 # What the interpreter takes for the GPU when it autotunes (the GPU suite's rehearsal): the
 # Hopper lists, which hold every variant.
-INTERPRETER_ARCH = "sm90"
+INTERPRETER_GENERATION = "sm90"
 # Test switch: False forces 64-bit dropout counters even where 32-bit ones fit.
 PHILOX_32_ALLOWED = True
 _forced_variant: str | None = None
@@ -245,7 +245,7 @@ def variant_switches(kind: str, variant: str) -> dict[str, bool]:
 def generation(device: torch.device) -> str:
     """Which candidate lists a device takes: "sm90" for Hopper, "sm80" for any other GPU."""
     if device.type != "cuda":
-        return INTERPRETER_ARCH
+        return INTERPRETER_GENERATION
     return "sm90" if torch.cuda.get_device_capability(device)[0] == 9 else "sm80"
 
 

@@ -8,11 +8,12 @@ quick grid, most important first, since the stage stops between two cases when i
 1. attention, bf16, causal (the training path), with each candidate config the suite's
    autotuner may pick, D 64 and 128: the model's layout ((B, T, H, D) storage seen as
    (B, H, T, D)) at T 1024, then ragged T (127, 257), then T 1 and decoding (one query
-   against 300 keys); then the same for every kernel variant this GPU's lists hold (the
-   attention stage races them), each forced with its first config;
+   against 300 keys);
 2. LayerNorm and add+LayerNorm as autocast runs them (bf16 activations, fp32 parameters, the
    residual stream in fp32 or bf16), N 768, 1600, 4096;
-3. attention non-causal in bf16; then fp16 and fp32, causal and not; LayerNorm fp16 and fp32.
+3. the cases of 1 for every kernel variant this GPU's lists hold (the attention stage races
+   them), each forced with its first config;
+4. attention non-causal in bf16; then fp16 and fp32, causal and not; LayerNorm fp16 and fp32.
 
 Each case draws fresh random inputs, fills every buffer the kernels allocate with NaN first
 (so an element left unwritten fails), and compares the output and every gradient with the
@@ -151,6 +152,7 @@ def grid(stage: Stage) -> list[tuple[str, Callable[[], None]]]:
                                                                                        param_dtype, r)))  # fmt: skip
 
     attention(BF16, True, range(TUNING_CANDIDATES), shapes)  # the training path, every candidate
+    layer_norm(BF16, FP32, (None, FP32, BF16))  # as autocast runs it
     for variant in configs.race_variants(configs.generation(torch.device(stage.device))):
         for D in head_dims:
             for B, H, T_q, T_k, layout in [case for group in shapes for case in group]:
@@ -160,7 +162,6 @@ def grid(stage: Stage) -> list[tuple[str, Callable[[], None]]]:
                         attention_case(stage, B, H, T_q, T_k, D, True, BF16, layout, f"variant {variant}")
 
                 cases.append((f"attention bf16 causal D{D} variant {variant}", case))
-    layer_norm(BF16, FP32, (None, FP32, BF16))  # as autocast runs it
     attention(BF16, False, range(1), [ragged])
     for dtype in (FP16, FP32):
         attention(dtype, True, range(1), [ragged])

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch (it lies on the development machines' disk); GPU machines bring their own.
 TORCH_VERSION ?= 2.13.0
-CONFIG ?= train/configs/shakespeare_char_cpu.toml
+CONFIG ?= gptforge/train/configs/shakespeare_char_cpu.toml
 OUT ?= out/shakespeare_char_cpu
 ARGS ?=
 
@@ -20,21 +20,21 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 train: install
-	$(PY) -m train --config $(CONFIG) --out_dir=$(OUT) --overwrite $(ARGS)
+	$(PY) -m gptforge.train --config $(CONFIG) --out_dir=$(OUT) --overwrite $(ARGS)
 
 # val loss <= 1.89 on Tiny Shakespeare in under 50 s on 2 CPU cores; the time is from the command's start
 speedrun: install
-	$(PY) -m train --config train/configs/speedrun_cpu.toml --out_dir=out/speedrun_cpu --overwrite $(ARGS)
+	$(PY) -m gptforge.train --config gptforge/train/configs/speedrun_cpu.toml --out_dir=out/speedrun_cpu --overwrite $(ARGS)
 
 sample: install
-	$(PY) -m gpt.sample --out_dir=$(OUT) $(ARGS)
+	$(PY) -m gptforge.gpt.sample --out_dir=$(OUT) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 bench: install
 	mkdir -p .benchmarks
-	-$(PY) -m kernels.aot   # registers, spills and shared memory of every Triton kernel, sm_80 and sm_90
+	-$(PY) -m gptforge.kernels.aot   # registers, spills and shared memory of every Triton kernel, sm_80 and sm_90
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-json=.benchmarks/latest.json $(ARGS)
 
 # The GPU image brings its own torch and triton (and may have no package index): no venv here.

@@ -15,8 +15,8 @@ import time
 import torch
 
 from benchmarks.common import DEVICE, Result, record
-from gpt.config import GPTConfig
-from gpt.model import GPT
+from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.model import GPT
 
 if DEVICE.type == "cuda":
     SHAPE = dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0)

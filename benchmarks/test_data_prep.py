@@ -3,7 +3,7 @@
 Preparation: a corpus of varied text generated here (``GPT_BENCH_CORPUS_MB``, default 200 MB of
 JSON lines: Zipf-distributed words from a made-up vocabulary, with numbers, punctuation,
 accented and CJK words and line breaks; no download) is tokenized with the GPT-2 tokenizer
-into shards by ``python -m train.data prepare`` with 1 and with 2 workers, in interleaved
+into shards by ``python -m gptforge.data prepare`` with 1 and with 2 workers, in interleaved
 rounds (the order alternates). Figures: MB/s of input text and tokens/s, medians with spread.
 
 Start: what a training start costs on the corpus (open the manifest and shard headers, check
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from benchmarks.common import Result, record
-from train import corpus
+from gptforge.data import corpus
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_MB = float(os.environ.get("GPT_BENCH_CORPUS_MB", "200"))
@@ -59,7 +59,7 @@ def generate_corpus(root: Path, megabytes: float, seed: int = 0) -> int:
 
 
 def prepare(inputs: Path, data_dir: Path, name: str, workers: int) -> float:
-    cmd = [sys.executable, "-m", "train.data", "prepare", "--input", str(inputs / "*.jsonl"), "--dataset", name,
+    cmd = [sys.executable, "-m", "gptforge.data", "prepare", "--input", str(inputs / "*.jsonl"), "--dataset", name,
            "--data_dir", str(data_dir), "--workers", str(workers), "--val_fraction", "0.01"]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
@@ -105,8 +105,8 @@ def importlib_missing(name: str) -> bool:
 
 def start_cost(folder: Path) -> float:
     """Seconds to open a dataset as a training start does: meta, token streams, id check, a batch."""
-    from train.data import check_token_ids, load_meta, load_tokens
-    from train.sampler import make_samplers
+    from gptforge.data import check_token_ids, load_meta, load_tokens
+    from gptforge.train.sampler import make_samplers
 
     started = time.perf_counter()
     meta = load_meta(folder)
@@ -120,7 +120,7 @@ def start_cost(folder: Path) -> float:
 
 def sparse_corpus(folder: Path, shards: int = 10, shard_tokens: int = 100_000_000) -> None:
     """1G tokens of zeros in sparse shards (no disk, nothing read) with a valid manifest."""
-    from gpt.tokenizer import CharTokenizer
+    from gptforge.gpt.tokenizer import CharTokenizer
 
     folder.mkdir(parents=True)
     entries = []
@@ -145,7 +145,7 @@ def test_training_start_on_a_large_corpus(benchmark, tmp_path):
     shakespeare = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
     if not shakespeare.is_file():
         pytest.skip(f"Tiny Shakespeare not found at {shakespeare}")
-    from train.data import prepare as prepare_text
+    from gptforge.data import prepare as prepare_text
 
     os.environ.setdefault("GPT_DATA_URL", shakespeare.as_uri())
     small = prepare_text("shakespeare_char", tmp_path)

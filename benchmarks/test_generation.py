@@ -8,7 +8,7 @@ weights: speed does not depend on what the weights say. Models:
 
 - ``char``: the Tiny Shakespeare CPU preset's shape (4 layers, 4 heads, 128 wide, block
   128, vocab 65). Most tokens are generated past block_size, where the uncached path
-  re-reads a full 128-token window per token and the cached one slides (gpt/generate.py).
+  re-reads a full 128-token window per token and the cached one slides (gptforge/gpt/generate.py).
 - ``gpt2``: GPT-2 124M's shape (block 1024, vocab 50304) in bf16 autocast, on CUDA only
   (uncached, it would take minutes per round on a laptop CPU).
 
@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # script mode, run from anywhere
 
 from benchmarks.common import DEVICE, Result, record  # noqa: E402
-from gpt.config import GPTConfig  # noqa: E402
-from gpt.generate import generate  # noqa: E402
-from gpt.model import GPT  # noqa: E402
+from gptforge.gpt.config import GPTConfig  # noqa: E402
+from gptforge.gpt.generate import generate  # noqa: E402
+from gptforge.gpt.model import GPT  # noqa: E402
 
 MODELS = {
     "char": GPTConfig(vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=128),

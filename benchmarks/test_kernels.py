@@ -16,8 +16,8 @@ import itertools
 import pytest
 import torch
 
-import kernels
 from benchmarks.common import DEVICE, Result, attention_flops, ln_bytes, record, seconds_per_call
+from gptforge import kernels
 
 CUDA = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if CUDA else torch.float32

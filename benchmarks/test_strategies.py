@@ -1,5 +1,5 @@
 """Training throughput and memory per strategy: single process, DDP, FSDP2 and DeepSpeed ZeRO-2,
-each a real ``python -m train`` run (under torchrun for the distributed ones) of the same
+each a real ``python -m gptforge.train`` run (under torchrun for the distributed ones) of the same
 global batch.
 
 The figure is the tokens/s of the run's last log interval (``metrics.jsonl``), so start-up,
@@ -27,12 +27,12 @@ from benchmarks.common import DEVICE, Result, record
 REPO = Path(__file__).resolve().parents[1]
 RANKS = int(os.environ.get("GPT_BENCH_RANKS", torch.cuda.device_count() if DEVICE.type == "cuda" else 2))
 if DEVICE.type == "cuda":
-    MODEL = ["--config", "train/configs/gpt2.toml", "--batch_size=8", f"--gradient_accumulation_steps={RANKS}",
+    MODEL = ["--config", "gptforge/train/configs/gpt2.toml", "--batch_size=8", f"--gradient_accumulation_steps={RANKS}",
              "--max_iters=30", "--log_interval=10", "--compile=false"]
     GROUP = f"training: GPT-2 124M, {RANKS} GPU(s)"
 else:
     # AdamW for every strategy (the preset's Muon does not run under DeepSpeed)
-    MODEL = ["--config", "train/configs/shakespeare_char_cpu.toml", f"--gradient_accumulation_steps={RANKS}",
+    MODEL = ["--config", "gptforge/train/configs/shakespeare_char_cpu.toml", f"--gradient_accumulation_steps={RANKS}",
              "--max_iters=40", "--log_interval=20", "--optimizer=adamw"]
     GROUP = f"training: CPU char model (4x4x128, T=128, B=32 per rank), {RANKS} rank(s) on the CPU"
 COMMON = ["--eval_interval=100000", "--num_samples=0", "--progress=false", "--overwrite"]
@@ -55,7 +55,7 @@ def test_strategy(benchmark, strategy, tmp_path):
         pytest.skip("one device: nothing to distribute")
     data_dir = os.environ.get("GPT_BENCH_DATA_DIR", str(REPO / "data"))
     # the same global batch everywhere: on one process, all of it is accumulation steps
-    cmd = [sys.executable, *launcher, "-m", "train", *MODEL, *COMMON, *flags, f"--out_dir={tmp_path}",
+    cmd = [sys.executable, *launcher, "-m", "gptforge.train", *MODEL, *COMMON, *flags, f"--out_dir={tmp_path}",
            f"--data_dir={data_dir}"]
 
     def run() -> None:

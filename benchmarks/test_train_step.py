@@ -28,10 +28,10 @@ import torch
 
 from benchmarks.baseline_gpt import BaselineGPT
 from benchmarks.common import DEVICE, Result, record
-from gpt.config import GPTConfig
-from gpt.model import GPT
-from kernels import available_backends, use_backend
-from train.device import peak_flops
+from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.model import GPT
+from gptforge.kernels import available_backends, use_backend
+from gptforge.train.device import peak_flops
 
 if DEVICE.type == "cuda":
     SHAPE = dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)

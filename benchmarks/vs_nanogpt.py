@@ -50,7 +50,7 @@ NANOGPT_ITER = re.compile(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms", re.M)
 def prepare_nanogpt(nanogpt: Path, work: Path) -> Path:
     """A folder to run nanoGPT's train.py in (it reads configurator.py and data/ from the
     working directory), with Tiny Shakespeare prepared by nanoGPT's own prepare.py."""
-    from train.data import fetch_shakespeare
+    from gptforge.data import fetch_shakespeare
 
     for name in ("train.py", "model.py", "configurator.py", "data/shakespeare_char/prepare.py"):
         if not (nanogpt / name).is_file():
@@ -87,7 +87,7 @@ def run_ours(work: Path, shape: dict, steps: int, compile: bool, dtype: str, env
     out_dir = work / "ours"
     settings = dict(dataset="shakespeare_char", device="cpu", dtype=dtype, compile=compile, **NANOGPT_CONFIG,
                     **shape, max_iters=steps, data_dir=work / "data", out_dir=out_dir)
-    cmd = [sys.executable, "-m", "train", *flags(settings), "--overwrite", "--progress=false", "--num_samples=0",
+    cmd = [sys.executable, "-m", "gptforge.train", *flags(settings), "--overwrite", "--progress=false", "--num_samples=0",
            *extra]
     run(cmd, ROOT, env)
     tokens = shape["batch_size"] * shape["block_size"]

@@ -35,7 +35,7 @@ def shakespeare_path() -> Path:
 def data_dir(tmp_path_factory, request) -> Path:
     """Tiny Shakespeare prepared for the character model in a fresh folder, once per test module
     (from the local copy: tests never touch the network)."""
-    from train.data import prepare
+    from gptforge.data import prepare
 
     text = SHARED_DATA / "tinyshakespeare.txt"
     if not text.is_file():

@@ -1,5 +1,5 @@
 """What the training tests share: the tiny model they train, the command line or config for it,
-reading a run's metrics, and launching ``python -m train`` or torchrun as subprocesses.
+reading a run's metrics, and launching ``python -m gptforge.train`` or torchrun as subprocesses.
 
 Plain functions and constants, imported by name (``from tests.helpers import ...``): they take
 arguments (a data folder, an out folder, overrides) and return values, so a reader sees where
@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from train.config import TrainConfig
-from train.metrics import METRICS_FILE
-from train.metrics import read_metrics as read_metrics_file
+from gptforge.train.config import TrainConfig
+from gptforge.train.metrics import METRICS_FILE
+from gptforge.train.metrics import read_metrics as read_metrics_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def torchrun_cmd(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra, "-m", "train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra, "-m", "gptforge.train"]
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90, no GPU needed (kernels/aot.py).
+"""Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90, no GPU needed (gptforge/kernels/aot.py).
 
 The default run compiles each kernel module's default configurations (for attention: the
 first config of every variant in the bf16 lists at head dims 64 and 128, today's kernel at
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from kernels import aot
-from kernels.triton import configs
+from gptforge.kernels import aot
+from gptforge.kernels.triton import configs
 
 MISSING = aot.toolchain_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"AOT compile toolchain unavailable: {MISSING}")

@@ -1,4 +1,4 @@
-"""Parity of the ``triton`` attention backend (kernels/triton/attention*.py) with a float64 reference.
+"""Parity of the ``triton`` attention backend (gptforge/kernels/triton/attention*.py) with a float64 reference.
 
 Without a GPU the kernels run through Triton's interpreter (tests/conftest.py), which is slow,
 so the default run covers the grid with a small design (30 cases) in which every sequence
@@ -8,7 +8,7 @@ length, head dim, dtype, causal flag, batch and head count appears, and every pa
 
 Every case draws fresh random inputs, poisons the kernels' output buffers with NaN (so an
 element a kernel forgot to write fails), and compares the output and dq/dk/dv with
-``kernels.reference`` run in float64 on the CPU.
+``gptforge.kernels.reference`` run in float64 on the CPU.
 
 The kernels' variants (configs.VARIANTS: longest-first launch order, the tutorial's backward,
 TMA tensor descriptors, and their combinations) are forced one at a time with
@@ -26,10 +26,10 @@ import zlib
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.triton import attention as triton_attention
-from kernels.triton import common, configs
+from gptforge import kernels
+from gptforge.kernels import reference
+from gptforge.kernels.triton import attention as triton_attention
+from gptforge.kernels.triton import common, configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"

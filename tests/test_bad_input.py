@@ -1,7 +1,7 @@
 """Bad input and ordinary faults: a clear line and exit 2 (or the right behaviour), never a
 traceback, never wrong training, and no data changed.
 
-- The table: each row is a command line for ``python -m train``, run in-process (its
+- The table: each row is a command line for ``python -m gptforge.train``, run in-process (its
   ``main``), the one line stderr must say, and a check that nothing under the data folder or
   the earlier runs changed.
 - Then the cases that need more than a command line: datasets that must never be replaced,
@@ -24,15 +24,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from gpt.sample import main as sample_main
+from gptforge import kernels
+from gptforge.data import DataError, ensure_prepared, prepare
+from gptforge.gpt.sample import main as sample_main
+from gptforge.train import checkpoint
+from gptforge.train.__main__ import main as train_main
+from gptforge.train.config import TrainConfig
+from gptforge.train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, LOCK_FILE, MAX_SKIPPED_IN_A_ROW
+from gptforge.train.loop import train
 from tests.helpers import REPO, config, end_session, flags, read_metrics, read_until, run, start, torchrun_cmd
-from train import checkpoint
-from train.__main__ import main as train_main
-from train.config import TrainConfig
-from train.data import DataError, ensure_prepared, prepare
-from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, LOCK_FILE, MAX_SKIPPED_IN_A_ROW
-from train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,8 +61,8 @@ def bad_inputs(data_dir, tmp_path_factory) -> dict[str, Path]:
     prepare("mine", root / "hijacked", input_path=tiny)
     (root / "hijacked" / "mine").rename(root / "hijacked" / "shakespeare_char")
     train(config(data_dir, root / "finished", max_iters=2, eval_interval=2), log=quiet)
-    from gpt.io import save_model
-    from gpt.model import build_model
+    from gptforge.gpt.io import save_model
+    from gptforge.gpt.model import build_model
 
     other = build_model(TrainConfig(n_layer=1, n_head=1, n_embd=8).model_config(27))
     save_model(other, root / "lowercase_model", {"name": "char", "vocab_size": 27,
@@ -201,12 +201,12 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(bad_inputs, name, capsy
     assert snapshot(bad_inputs["data"], bad_inputs["root"]) == before, "the failed run changed data or a run"
 
 
-# a few rows through a real ``python -m train`` process (an unknown flag, a missing file, a bad
+# a few rows through a real ``python -m gptforge.train`` process (an unknown flag, a missing file, a bad
 # value): exit 2, their whole message as the one line on stderr, so no traceback
 @pytest.mark.parametrize("name", ["unknown key", "missing config file", "NaN learning_rate"])
 def test_the_command_line_itself_says_one_line(bad_inputs, name):
     args, message = bad_command(bad_inputs, name)
-    done = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "gptforge.train", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and done.stderr == f"error: {message}\n", done.stderr[-3000:]
 
@@ -245,7 +245,7 @@ def test_a_dataset_is_never_replaced_by_another_text(tmp_path):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
     first.write_text("the first text, changed. " * 50)  # the same file, edited: prepared again on request
     prepare("corpus", tmp_path / "data", input_path=first)
-    from train.data import main as data_main
+    from gptforge.data import main as data_main
 
     assert data_main(["prepare", "--dataset", "shakespeare", "--input", str(second),
                       "--data_dir", str(tmp_path / "data")]) == 1  # fmt: skip
@@ -439,7 +439,7 @@ def test_a_corpus_without_a_newline_trains_and_samples(tmp_path, capsys):
 
 def test_training_and_sampling_follow_gpt_kernels_alike(data_dir, tmp_path, monkeypatch):
     """One rule: a backend the config names wins; "auto" leaves the choice to GPT_KERNELS."""
-    from kernels import reference
+    from gptforge.kernels import reference
 
     calls = []
     real = reference.attention
@@ -460,7 +460,7 @@ def test_training_and_sampling_follow_gpt_kernels_alike(data_dir, tmp_path, monk
 
 
 def test_a_stop_signal_during_a_long_evaluation_is_acted_on_between_batches(data_dir, tmp_path):
-    proc = start([sys.executable, "-m", "train", *flags(data_dir, tmp_path, max_iters=100, eval_iters=100_000,
+    proc = start([sys.executable, "-m", "gptforge.train", *flags(data_dir, tmp_path, max_iters=100, eval_iters=100_000,
                                                             eval_interval=100)])  # fmt: skip
     try:
         read_until(proc, "global batch:")  # the first evaluation starts now: 200,000 batches

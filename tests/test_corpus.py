@@ -1,4 +1,4 @@
-"""Sharded corpora (train/corpus.py): many files of documents -> token shards and a manifest,
+"""Sharded corpora (gptforge/data/corpus.py): many files of documents -> token shards and a manifest,
 the same for any number of workers and after a killed prepare resumes; bad documents reported
 by file and line; training reads the shards as one stream and resumes exactly across a shard
 boundary; vocabularies past 65,535 go to uint32 shards; a start opens headers only.
@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt.tokenizer import CharTokenizer, GPT2Tokenizer
+from gptforge.data import DataError, check_token_ids, corpus, load_meta, load_tokens
+from gptforge.gpt.tokenizer import CharTokenizer, GPT2Tokenizer
+from gptforge.train.loop import train
 from tests import helpers
 from tests.conftest import SHARED_DATA
 from tests.helpers import REPO, TINY, logs_and_evals
-from train import corpus
-from train.data import DataError, check_token_ids, load_meta, load_tokens
-from train.loop import train
 
 quiet = functools.partial(train, log=lambda *_: None)
 
@@ -134,7 +133,7 @@ def test_bad_documents_are_reported_with_file_and_line(prepared, corpus_dir, tmp
     n = len((corpus_dir / "a.jsonl").read_text().splitlines())
     assert bad["first"] == [f"{corpus_dir / 'a.jsonl'}:{n - 1}: not JSON (Expecting property name enclosed in "
                             "double quotes at column 2)", f"{corpus_dir / 'a.jsonl'}:{n}: no 'text' field"]
-    proc = helpers.run([sys.executable, "-m", "train.data", "prepare", "--input", str(corpus_dir / "*"),
+    proc = helpers.run([sys.executable, "-m", "gptforge.data", "prepare", "--input", str(corpus_dir / "*"),
                         "--dataset", "stop", "--data_dir", str(tmp_path), "--on_bad", "stop"],
                        env={"TIKTOKEN_CACHE_DIR": str(SHARED_DATA / "tiktoken_cache")})
     assert proc.returncode == 2, proc.stderr
@@ -149,7 +148,7 @@ def test_a_killed_prepare_resumes_to_the_same_shards(tmp_path):
     root = make_corpus(tmp_path / "in", scale=4)
     reference = tmp_path / "data" / "ref"
     prepare(root, reference, shard_tokens=5_000)
-    cmd = [sys.executable, "-m", "train.data", "prepare", "--input", str(root / "*"), "--dataset", "killed",
+    cmd = [sys.executable, "-m", "gptforge.data", "prepare", "--input", str(root / "*"), "--dataset", "killed",
            "--data_dir", str(tmp_path / "data"), "--val_fraction", "0.1", "--shard_tokens", "5000"]
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED_DATA / "tiktoken_cache")}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -279,11 +278,11 @@ def test_cli_errors_are_one_line(tmp_path, corpus_dir):
         (["--input", str(corpus_dir / "*"), "--dataset", "x", "--shard_tokens", "lots"], "expected a count"),
     ]
     for args, message in cases:
-        proc = helpers.run([sys.executable, "-m", "train.data", "prepare", "--data_dir", str(tmp_path), *args], env=env)
+        proc = helpers.run([sys.executable, "-m", "gptforge.data", "prepare", "--data_dir", str(tmp_path), *args], env=env)
         assert proc.returncode in (1, 2) and message in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
     with pytest.raises(DataError, match="holds a sharded corpus; train on it with --dataset"):
-        from train.data import ensure_prepared
+        from gptforge.data import ensure_prepared
 
         prepared = tmp_path / "p"
         write_tokens(prepared, {"train": np.arange(100), "val": np.arange(10)}, CharTokenizer("a" * 0 + "".join(
@@ -293,7 +292,7 @@ def test_cli_errors_are_one_line(tmp_path, corpus_dir):
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
 def test_a_tokenizer_trained_on_the_corpus_prepares_trains_samples_and_exports(tmp_path, kind):
-    """python -m train.data tokenizer, then prepare with it, train, sample (gpt.sample) and export
+    """python -m gptforge.data tokenizer, then prepare with it, train, sample (gpt.sample) and export
     to transformers: the tokenizer travels inside the dataset's manifest and the checkpoint."""
     root = tmp_path / "in"
     root.mkdir()
@@ -301,14 +300,14 @@ def test_a_tokenizer_trained_on_the_corpus_prepares_trains_samples_and_exports(t
         for p in paragraphs()[:1500]:
             f.write(json.dumps({"text": p}) + "\n")
     tok_dir = tmp_path / "tok"
-    made = helpers.run([sys.executable, "-m", "train.data", "tokenizer", "--input", str(root / "*.jsonl"), "--kind",
+    made = helpers.run([sys.executable, "-m", "gptforge.data", "tokenizer", "--input", str(root / "*.jsonl"), "--kind",
                         kind, "--vocab_size", "400", "--out", str(tok_dir)])
     assert made.returncode == 0, made.stderr
     data = tmp_path / "data"
-    made = helpers.run([sys.executable, "-m", "train.data", "prepare", "--input", str(root / "*.jsonl"), "--dataset",
+    made = helpers.run([sys.executable, "-m", "gptforge.data", "prepare", "--input", str(root / "*.jsonl"), "--dataset",
                         "mine", "--data_dir", str(data), "--tokenizer", str(tok_dir), "--val_fraction", "0.1"])
     assert made.returncode == 0, made.stderr
-    from gpt.tokenizer_training import load_tokenizer_dir
+    from gptforge.gpt.tokenizer_training import load_tokenizer_dir
 
     tok = load_tokenizer_dir(tok_dir)
     assert load_meta(data / "mine")["tokenizer"]["sha256"] == tok.to_meta()["sha256"]
@@ -317,11 +316,11 @@ def test_a_tokenizer_trained_on_the_corpus_prepares_trains_samples_and_exports(t
     assert load_tokens(data / "mine", "train")[: len(ids)].tolist() == ids
     out = tmp_path / "out"
     quiet(helpers.config(data, out, dataset="mine", max_iters=3, n_embd=16, num_samples=1, sample_tokens=10))
-    sample = helpers.run([sys.executable, "-m", "gpt.sample", "--out_dir", str(out), "--prompt", "ROMEO:",
+    sample = helpers.run([sys.executable, "-m", "gptforge.gpt.sample", "--out_dir", str(out), "--prompt", "ROMEO:",
                           "--max_new_tokens", "5", "--device", "cpu"])
     assert sample.returncode == 0 and "ROMEO:" in sample.stdout, sample.stderr
     export = tmp_path / "hf"
-    done = helpers.run([sys.executable, "-m", "gpt.pretrained", "export", "--out_dir", str(out), "--to", str(export)])
+    done = helpers.run([sys.executable, "-m", "gptforge.gpt.pretrained", "export", "--out_dir", str(out), "--to", str(export)])
     assert done.returncode == 0, done.stderr
     from transformers import AutoTokenizer
 
@@ -442,13 +441,13 @@ def test_verify_finds_a_damaged_shard(prepared, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(prepared, copy)
-    ok = helpers.run([sys.executable, "-m", "train.data", "verify", "--dataset", "copy", "--data_dir", str(tmp_path)])
+    ok = helpers.run([sys.executable, "-m", "gptforge.data", "verify", "--dataset", "copy", "--data_dir", str(tmp_path)])
     assert ok.returncode == 0 and "every shard matches its sha256" in ok.stderr, ok.stderr
     shard = copy / "train_000001.bin"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1  # one token changed: the header and size still agree
     shard.write_bytes(bytes(data))
-    bad = helpers.run([sys.executable, "-m", "train.data", "verify", "--dataset", "copy", "--data_dir", str(tmp_path)])
+    bad = helpers.run([sys.executable, "-m", "gptforge.data", "verify", "--dataset", "copy", "--data_dir", str(tmp_path)])
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [f"error: {shard} does not match its sha256 in the manifest (train "
                                                "split): damaged"]

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt.tokenizer import CharTokenizer
-from train import data
-from train.data import DataError, ensure_prepared, load_meta, load_tokenizer, load_tokens, prepare
+from gptforge import data
+from gptforge.data import DataError, ensure_prepared, load_meta, load_tokenizer, load_tokens, prepare
+from gptforge.gpt.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2_CACHE_FILES = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
@@ -380,7 +380,7 @@ def test_char_vocabulary_covers_both_splits(tmp_path):
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "train.data", *args],
+        [sys.executable, "-m", "gptforge.data", *args],
         check=False,
         cwd=REPO,
         env={**os.environ, **env},

@@ -2,7 +2,7 @@
 train on the same global batch as one process and give the same losses, resume exactly,
 ranks read disjoint windows, a two-node launch works, and mixed precision behaves.
 
-Each run is a real ``torchrun ... -m train`` subprocess with a tiny model. DeepSpeed's first
+Each run is a real ``torchrun ... -m gptforge.train`` subprocess with a tiny model. DeepSpeed's first
 start on a machine compiles a small CPU op (about a minute, cached in ~/.cache/torch_extensions).
 """
 
@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptforge.data import load_tokens
+from gptforge.train.config import ConfigError, TrainConfig
+from gptforge.train.deepspeed_config import deepspeed_config
+from gptforge.train.distributed import free_port, per_rank_accum
+from gptforge.train.loop import Trainer, train
+from gptforge.train.sampler import BatchSampler
 from tests import helpers
 from tests.helpers import REPO, TINY, logs_and_evals, torchrun_cmd
-from train.config import ConfigError, TrainConfig
-from train.data import load_tokens
-from train.deepspeed_config import deepspeed_config
-from train.distributed import free_port, per_rank_accum
-from train.loop import Trainer, train
-from train.sampler import BatchSampler
 
 
 @functools.cache
@@ -150,7 +150,7 @@ def test_two_node_launch_on_one_machine(data_dir, tmp_path, single_run):
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
              "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-             "-m", "train", *flags(data_dir, tmp_path)],
+             "-m", "gptforge.train", *flags(data_dir, tmp_path)],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for node in (0, 1)
@@ -164,9 +164,9 @@ def test_two_node_launch_on_one_machine(data_dir, tmp_path, single_run):
 
 SAMPLER_PROBE = """
 import json, sys
-from train.config import load_config, parse_args
-from train.loop import Trainer
-from train.strategy import make_strategy
+from gptforge.train.config import load_config, parse_args
+from gptforge.train.loop import Trainer
+from gptforge.train.strategy import make_strategy
 
 cfg = load_config(*parse_args(sys.argv[2:]))
 strategy = make_strategy(cfg)
@@ -261,7 +261,7 @@ def test_deepspeed_config_file_is_merged_and_checked():
 
 
 def test_unreadable_or_invalid_deepspeed_config_is_refused_clearly(tmp_path):
-    from train.deepspeed_config import read_user_config
+    from gptforge.train.deepspeed_config import read_user_config
 
     with pytest.raises(ConfigError, match="cannot read it"):
         read_user_config(str(tmp_path / "missing.json"))
@@ -275,7 +275,7 @@ def test_unreadable_or_invalid_deepspeed_config_is_refused_clearly(tmp_path):
 
 
 def test_deepspeed_launcher_local_rank_flag_is_dropped():
-    from train.__main__ import drop_local_rank
+    from gptforge.train.__main__ import drop_local_rank
 
     assert drop_local_rank(["--local_rank=1", "--n_layer=2", "--local_rank", "0", "--dtype=fp32"]) == [
         "--n_layer=2", "--dtype=fp32"]

@@ -9,7 +9,7 @@
 - bad input: see tests/test_bad_input.py
 - --init_from: fine-tuning from a saved model directory, its shape and tokenizer checked
 
-Faults are injected through test-only environment variables read by train/faults.py:
+Faults are injected through test-only environment variables read by gptforge/train/faults.py:
 GPT_FAULT_KILL_AT_STEP=k (SIGKILL as step k starts, first launch only), GPT_FAULT_NAN_AT_STEP=k
 (the loss of step k becomes NaN) and GPT_FAULT_RANK=r (only rank r; default every rank).
 """
@@ -28,14 +28,14 @@ import pytest
 import safetensors.torch
 import torch
 
-from gpt.io import save_model
-from gpt.model import build_model
+from gptforge.data import load_meta
+from gptforge.gpt.io import save_model
+from gptforge.gpt.model import build_model
+from gptforge.train import checkpoint
+from gptforge.train.config import ConfigError, TrainConfig
+from gptforge.train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, LOCK_FILE, RunLock
+from gptforge.train.loop import Trainer, train
 from tests.helpers import REPO, TINY, config, end_session, flags, read_metrics, read_until, run, start, torchrun_cmd
-from train import checkpoint
-from train.config import ConfigError, TrainConfig
-from train.data import load_meta
-from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, LOCK_FILE, RunLock
-from train.loop import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +59,7 @@ def child_with_rank(parent: int, rank: int) -> int:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_checkpoints_and_resume_continues(data_dir, tmp_path, signum):
-    proc = start([sys.executable, "-m", "train", *flags(data_dir, tmp_path, max_iters=10_000, eval_interval=10_000)])
+    proc = start([sys.executable, "-m", "gptforge.train", *flags(data_dir, tmp_path, max_iters=10_000, eval_interval=10_000)])
     try:
         read_until(proc, "step 3:")
         proc.send_signal(signum)
@@ -73,7 +73,7 @@ def test_a_stop_signal_checkpoints_and_resume_continues(data_dir, tmp_path, sign
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [f"step_{step:07d}"]
     assert checkpoint.verify(checkpoint.list_checkpoints(tmp_path)[0]) is None
     assert not (tmp_path / LOCK_FILE).exists()  # released on the way out
-    resumed = run([sys.executable, "-m", "train", *flags(data_dir, tmp_path, max_iters=step + 2,
+    resumed = run([sys.executable, "-m", "gptforge.train", *flags(data_dir, tmp_path, max_iters=step + 2,
                                                             eval_interval=10_000), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / f'step_{step:07d}'} at step {step}" in resumed.stdout
@@ -124,7 +124,7 @@ def test_damaged_checkpoints_are_reported_and_skipped(data_dir, tmp_path):
     step2, step4 = checkpoint.list_checkpoints(tmp_path)
     weights = step4 / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
-    proc = run([sys.executable, "-m", "train", *flags(data_dir, tmp_path, max_iters=5, eval_interval=2),
+    proc = run([sys.executable, "-m", "gptforge.train", *flags(data_dir, tmp_path, max_iters=5, eval_interval=2),
                 "--resume", "--keep_last=3"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step_0000004 is unusable (model.safetensors does not match its sha256" in proc.stdout
@@ -133,7 +133,7 @@ def test_damaged_checkpoints_are_reported_and_skipped(data_dir, tmp_path):
     for ckpt in checkpoint.list_checkpoints(tmp_path):
         state = ckpt / "state.pt"
         state.write_bytes(b"\0" * state.stat().st_size)  # corrupted, same size
-    proc = run([sys.executable, "-m", "train", *flags(data_dir, tmp_path, max_iters=5), "--resume"])
+    proc = run([sys.executable, "-m", "gptforge.train", *flags(data_dir, tmp_path, max_iters=5), "--resume"])
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "no usable checkpoint" in proc.stderr and "state.pt does not match its sha256" in proc.stderr
 
@@ -192,7 +192,7 @@ def test_nan_policy_skip_leaves_the_weights_alone(data_dir, tmp_path, monkeypatc
 
 
 def test_nan_policy_stop_checkpoints_the_last_good_step(data_dir, tmp_path):
-    proc = run([sys.executable, "-m", "train", *flags(data_dir, tmp_path, max_iters=10, eval_interval=10)],
+    proc = run([sys.executable, "-m", "gptforge.train", *flags(data_dir, tmp_path, max_iters=10, eval_interval=10)],
                env=dict(GPT_FAULT_NAN_AT_STEP="3"))
     assert proc.returncode == EXIT_NONFINITE, proc.stderr[-3000:]
     assert proc.stderr.startswith("stopped: non-finite loss or gradient norm at step 3")

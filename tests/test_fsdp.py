@@ -4,7 +4,7 @@ that resume at another number of ranks and under another strategy; a damaged sha
 fp16's loss scaler agreeing over ranks; one reduce-scatter per step under accumulation; and
 the one-line errors.
 
-Each distributed run is a real ``torchrun ... -m train`` subprocess with a tiny model; runs that
+Each distributed run is a real ``torchrun ... -m gptforge.train`` subprocess with a tiny model; runs that
 continue another are compared with the uninterrupted run, loss by loss.
 """
 
@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptforge.train.config import ConfigError, TrainConfig
+from gptforge.train.loop import Trainer, train
+from gptforge.train.strategy import make_strategy
 from tests import helpers
 from tests.helpers import REPO, TINY, logs_and_evals, torchrun_cmd
 from tests.test_distributed import assert_same_losses
-from train.config import ConfigError, TrainConfig
-from train.loop import Trainer, train
-from train.strategy import make_strategy
 
 # 8 steps, a checkpoint every 2 (the resumed runs stop and go on at 4 and 6), 2 micro-steps in all
 FSDP_TINY = {**TINY, "max_iters": 8, "lr_decay_iters": 8, "eval_interval": 4, "eval_iters": 3,
@@ -36,8 +36,8 @@ quiet = functools.partial(train, log=lambda *_: None)
 
 
 def launch(args: list[str], ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m train`` under torchrun with ``ranks`` processes (1: plain ``python -m train``)."""
-    cmd = [sys.executable, "-m", "train"] if ranks == 1 else torchrun_cmd()
+    """``python -m gptforge.train`` under torchrun with ``ranks`` processes (1: plain ``python -m gptforge.train``)."""
+    cmd = [sys.executable, "-m", "gptforge.train"] if ranks == 1 else torchrun_cmd()
     proc = helpers.run([*cmd, *args], timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -87,7 +87,7 @@ def test_fsdp_gives_the_same_losses_as_one_process(single_run, fsdp_run):
     manifest = json.loads((ckpt / "manifest.json").read_text())["files"]
     assert {f"dcp/{name}" for name in shards} <= set(manifest) and "model.safetensors" in manifest
     # the full weights beside the shards: the uninterrupted single-process run's, to fp32 rounding
-    from gpt.io import load_model
+    from gptforge.gpt.io import load_model
 
     got, _ = load_model(ckpt)
     want, _ = load_model(single_run / "checkpoints" / "step_0000008")
@@ -121,7 +121,7 @@ def test_activation_checkpointing_leaves_the_losses_unchanged(data_dir, tmp_path
     losses = {mode: [r["loss"] for r in logs_and_evals(out)[0]] for mode, out in runs.items()}
     assert losses["selective"] == losses["full"] == losses["none"]
     # and the blocks were recomputed: autograd kept less for the backward
-    from gpt.model import GPT
+    from gptforge.gpt.model import GPT
 
     model = GPT(config(data_dir, tmp_path).model_config(vocab_size=65))
     idx = torch.randint(0, 65, (4, 32))
@@ -189,10 +189,10 @@ def test_fsdp_mixed_precision_trains(data_dir, tmp_path, dtype):
 
 PROBE = """
 import sys, torch, torch.distributed as dist
-from train.config import load_config, parse_args
-from train.fsdp import RankAgreedGradScaler
-from train.loop import Trainer
-from train.strategy import make_strategy
+from gptforge.train.config import load_config, parse_args
+from gptforge.train.fsdp import RankAgreedGradScaler
+from gptforge.train.loop import Trainer
+from gptforge.train.strategy import make_strategy
 
 cfg = load_config(*parse_args(sys.argv[1:]))
 strategy = make_strategy(cfg)  # joins the group
@@ -270,7 +270,7 @@ def test_activation_checkpointing_needs_transformer_blocks(data_dir, tmp_path):
 
 def test_fsdp_refuses_to_resume_a_checkpoint_of_another_shape(data_dir, tmp_path, fsdp_run):
     out = continue_run(fsdp_run[0], tmp_path / "run")
-    proc = helpers.run([sys.executable, "-m", "train", *flags(data_dir, out, strategy="fsdp", resume=True,
+    proc = helpers.run([sys.executable, "-m", "gptforge.train", *flags(data_dir, out, strategy="fsdp", resume=True,
                                                                 n_embd=64)])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "changes n_embd 32 -> 64 (the model's shape)" in proc.stderr and "Traceback" not in proc.stderr

@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
-import kernels
-from gpt.config import GPTConfig
-from gpt.generate import _held_back, check_sampling, generate, generate_text, generate_tokens, pick_next
-from gpt.model import GPT, BigramLanguageModel, KVCache, unwrap
-from gpt.tokenizer import CharTokenizer
+from gptforge import kernels
+from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.generate import _held_back, check_sampling, generate, generate_text, generate_tokens, pick_next
+from gptforge.gpt.model import GPT, BigramLanguageModel, KVCache, unwrap
+from gptforge.gpt.tokenizer import CharTokenizer
 
 SMALL = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32)
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU \n."  # 50 distinct characters
@@ -209,7 +209,7 @@ def test_bad_arguments_are_refused_before_the_first_token_is_asked_for():
     for temperature in (-1.0, float("nan"), float("inf")):  # NaN would pass a plain comparison
         with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
             generate_tokens(model, torch.zeros(1, 1, dtype=torch.long), 5, temperature=temperature)  # no next()
-    # one set of checks serves the library and python -m gpt.sample (which names them as flags)
+    # one set of checks serves the library and python -m gptforge.gpt.sample (which names them as flags)
     for setting, message in ((dict(top_k=0), "top_k must be >= 1, got 0"),
                              (dict(top_p=float("nan")), "top_p must be in (0, 1], got nan"),
                              (dict(max_new_tokens=-1), "max_new_tokens must be >= 0, got -1"),

@@ -105,7 +105,7 @@ def test_rehearsal_in_the_simulated_gpu_image(tmp_path, gpu_image_env):
     assert checks and all(c["passed"] for c in checks)
     assert any(r["stage"] == "attention" and r["group"] == "autotune winners" for r in figures)
     # the variant race: every variant of the Hopper lists (the interpreter's) raced and checked
-    from kernels.triton import configs
+    from gptforge.kernels.triton import configs
 
     variants = configs.race_variants(configs.INTERPRETER_GENERATION)
     raced = {r["name"] for r in figures if r["stage"] == "attention" and r["name"].startswith("triton[")}
@@ -190,7 +190,7 @@ import importlib, sys
 for name in ("benchmarks.gpu_suite", "benchmarks.suite.stage", "benchmarks.suite.card", "benchmarks.suite.parity",
              "benchmarks.suite.kernel_bench", "benchmarks.suite.model", "benchmarks.suite.planted"):
     importlib.import_module(name)
-import kernels
+from gptforge import kernels
 assert "flash_attn" not in kernels.available_backends("attention", "cpu")
 loaded = [m for m in {MISSING_ON_GPU_IMAGE!r} if m in sys.modules]
 assert not loaded, loaded
@@ -259,8 +259,8 @@ def test_bad_arguments_are_clear_errors():
 
 @pytest.fixture
 def tuning():
-    """kernels.triton.tuning with a limit of two candidates, restored to its defaults afterwards."""
-    from kernels.triton import tuning
+    """gptforge.kernels.triton.tuning with a limit of two candidates, restored to its defaults afterwards."""
+    from gptforge.kernels.triton import tuning
 
     tuning.forget()
     tuning.limit_candidates(2)
@@ -271,7 +271,7 @@ def tuning():
 
 def _attention(D: int = 16, T: int = 24) -> torch.Tensor:
     """Our attention forward on fresh fp32 inputs, through the triton backend."""
-    import kernels
+    from gptforge import kernels
 
     q, k, v = (torch.randn(1, 2, T, D) for _ in range(3))
     return kernels.attention(q, k, v, causal=True, backend="triton")
@@ -301,9 +301,9 @@ def test_autotune_winners_are_saved_and_reused(tmp_path, tuning):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's tuning path")
 def test_only_candidate_runs_that_config_alone(tuning):
-    import kernels
-    from kernels import reference
-    from kernels.triton.configs import attention_configs
+    from gptforge import kernels
+    from gptforge.kernels import reference
+    from gptforge.kernels.triton.configs import attention_configs
 
     candidates = [f"M{m} N{n} w{w} s{s}" for m, n, w, s, _ in attention_configs("sm90", "fwd", 16, True, False)[:2]]
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))

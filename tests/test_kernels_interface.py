@@ -8,9 +8,9 @@ import contextlib
 import pytest
 import torch
 
-import kernels
-from kernels import BackendError, attention, dispatch, layer_norm, use_backend
-from kernels.dispatch import resolve, selected
+from gptforge import kernels
+from gptforge.kernels import BackendError, attention, dispatch, layer_norm, use_backend
+from gptforge.kernels.dispatch import resolve, selected
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
@@ -139,14 +139,14 @@ def test_memoised_resolution_follows_use_backend():
     def module() -> str:
         return resolve("attention", "attention", None, args, kwargs).__module__
 
-    assert module() == "kernels.sdpa" and module() == "kernels.sdpa"  # auto on the CPU, then from the memo
+    assert module() == "gptforge.kernels.sdpa" and module() == "gptforge.kernels.sdpa"  # auto on the CPU, then from the memo
     with use_backend(attention="torch"):
-        assert module() == "kernels.reference"
+        assert module() == "gptforge.kernels.reference"
         with use_backend(attention="sdpa"):
-            assert module() == "kernels.sdpa"
-            assert resolve("attention", "attention", "torch", args, kwargs).__module__ == "kernels.reference"
-        assert module() == "kernels.reference"
-    assert module() == "kernels.sdpa"
+            assert module() == "gptforge.kernels.sdpa"
+            assert resolve("attention", "attention", "torch", args, kwargs).__module__ == "gptforge.kernels.reference"
+        assert module() == "gptforge.kernels.reference"
+    assert module() == "gptforge.kernels.sdpa"
 
 
 def test_a_selection_changed_mid_resolution_is_not_memoised(monkeypatch):
@@ -180,7 +180,7 @@ def test_the_env_var_is_read_once(set_env, monkeypatch):
 def test_auto_picks_a_backend_that_runs_here():
     q = torch.randn(1, 1, 4, 16)
     fn = resolve("attention", "attention", None, (q, q, q), dict(causal=True, dropout_p=0.0, scale=0.25))
-    assert fn.__module__ == "kernels.sdpa"  # the fastest correct PyTorch op on the CPU
+    assert fn.__module__ == "gptforge.kernels.sdpa"  # the fastest correct PyTorch op on the CPU
     assert "torch" in kernels.available_backends("attention") and "sdpa" in kernels.available_backends("attention")
 
 
@@ -222,8 +222,8 @@ def test_compiled_calls_do_not_recompile_when_the_selection_stays_put():
     the graph, also when every call enters use_backend as a training loop might per step."""
     from torch._dynamo.testing import CompileCounter
 
-    from gpt.config import GPTConfig
-    from gpt.model import build_model
+    from gptforge.gpt.config import GPTConfig
+    from gptforge.gpt.model import build_model
 
     model = build_model(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=11))
     idx = torch.randint(0, 11, (2, 8))

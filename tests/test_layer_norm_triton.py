@@ -1,4 +1,4 @@
-"""Parity of the ``triton`` LayerNorm backend (kernels/triton/layer_norm*.py) with a float64 reference.
+"""Parity of the ``triton`` LayerNorm backend (gptforge/kernels/triton/layer_norm*.py) with a float64 reference.
 
 Without a GPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 Every case draws fresh random inputs, fills every buffer the kernels allocate with NaN first (so an
@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from gptforge import kernels
 
 triton = pytest.importorskip("triton")
-ln = pytest.importorskip("kernels.triton.layer_norm")
-from kernels import aot_specs  # noqa: E402 -- after the importorskip: both import triton
-from kernels.triton import common, configs  # noqa: E402
+ln = pytest.importorskip("gptforge.kernels.triton.layer_norm")
+from gptforge.kernels import aot_specs  # noqa: E402 -- after the importorskip: both import triton
+from gptforge.kernels.triton import common, configs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 1), (3, 7), (2, 128, 512), (5, 123, 123), (4, 64, 1600), (2, 8, 4096), (1, 16384)]

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.config import GPTConfig
-from gpt.generate import filter_logits, generate
-from gpt.io import load_model, save_model
-from gpt.model import GPT, BigramLanguageModel, build_model
-from kernels import use_backend
+from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.generate import filter_logits, generate
+from gptforge.gpt.io import load_model, save_model
+from gptforge.gpt.model import GPT, BigramLanguageModel, build_model
+from gptforge.kernels import use_backend
 
 SMALL = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -170,8 +170,8 @@ def test_save_and_load_round_trip(tmp_path):
 
 COMPILE_SCRIPT = """
 import torch, kernels
-from gpt.config import GPTConfig
-from gpt.model import GPT
+from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.model import GPT
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
 idx = torch.randint(0, 50, (2, 16))

@@ -12,12 +12,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from gpt.config import GPTConfig
-from gpt.model import GPT
-from gpt.pretrained import export_hf, load_nanogpt, load_pretrained
-from gpt.pretrained import main as pretrained_main
-from gpt.sample import main as sample_main
-from train import checkpoint
+from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.model import GPT
+from gptforge.gpt.pretrained import export_hf, load_nanogpt, load_pretrained
+from gptforge.gpt.pretrained import main as pretrained_main
+from gptforge.gpt.sample import main as sample_main
+from gptforge.train import checkpoint
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 

@@ -11,16 +11,16 @@ import sys
 import pytest
 import torch
 
-from gpt.config import GPTConfig
-from gpt.model import GPT, BigramLanguageModel, KVCache, Rotary, rotate
-from gpt.pretrained import export_hf, load_nanogpt
+from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.model import GPT, BigramLanguageModel, KVCache, Rotary, rotate
+from gptforge.gpt.pretrained import export_hf, load_nanogpt
+from gptforge.train import device as train_device
+from gptforge.train.config import ConfigError, TrainConfig
+from gptforge.train.loop import Trainer, train
+from gptforge.train.optim import Optimizers, build_optimizer
+from gptforge.train.strategy import Strategy
 from tests import helpers
 from tests.helpers import REPO, TINY, read_metrics
-from train import device as train_device
-from train.config import ConfigError, TrainConfig
-from train.loop import Trainer, train
-from train.optim import Optimizers, build_optimizer
-from train.strategy import Strategy
 
 SMALL = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32)
 OPTIONS = [dict(rope=True), dict(qk_norm=True), dict(activation="relu2"), dict(activation="gelu"),
@@ -152,7 +152,7 @@ def test_compiled_training_compiles_once_and_matches_eager(data_dir, tmp_path, m
     losses = {}
     for compiled in (False, True):
         counter = CompileCounter()  # counts the graphs it is given, then runs them eagerly
-        monkeypatch.setattr("train.strategy.torch.compile", functools.partial(torch.compile, backend=counter))
+        monkeypatch.setattr("gptforge.train.strategy.torch.compile", functools.partial(torch.compile, backend=counter))
         torch._dynamo.reset()
         out = tmp_path / f"compile_{compiled}"
         train(config(data_dir, out, max_iters=6, warmup_iters=3, eval_interval=2, compile=compiled),
@@ -175,7 +175,7 @@ def test_auto_dtype_on_the_cpu_is_bf16_only_with_amx(monkeypatch, amx, expected)
 def test_cpu_half_attention_with_gradients_matches_fp32():
     """On the CPU a bf16 attention that will be differentiated runs in fp32 (much faster there):
     bf16 in, bf16 out, and the same values as the fp32 computation rounded to bf16."""
-    from kernels import attention, use_backend
+    from gptforge.kernels import attention, use_backend
 
     half = [torch.randn(2, 2, 16, 8).bfloat16().requires_grad_() for _ in range(3)]
     with use_backend(attention="sdpa"):
@@ -199,7 +199,7 @@ def test_strategy_builds_the_configured_optimizer_fused_on_the_cpu():
         assert isinstance(strategy.optimizer, Optimizers) == (name == "muon")
 
 
-@pytest.mark.parametrize("module", ["train", "gpt.sample"])
+@pytest.mark.parametrize("module", ["gptforge.train", "gptforge.gpt.sample"])
 def test_help_answers_without_importing_torch(module):
     code = (f"import runpy, sys; sys.argv = ['{module}', '--help']\n"
             f"try:\n    runpy.run_module('{module}', run_name='__main__')\nexcept SystemExit:\n    pass\n"

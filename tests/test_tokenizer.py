@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt.tokenizer import CharTokenizer, GPT2Tokenizer, TokenizerUnavailableError, tokenizer_from_meta
+from gptforge.gpt.tokenizer import CharTokenizer, GPT2Tokenizer, TokenizerUnavailableError, tokenizer_from_meta
 
 # tiktoken's cache names files by the sha1 of their URL; these two are the gpt2 encoding's BPE files
 GPT2_CACHE_FILES = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
+from gptforge.train import checkpoint
+from gptforge.train.config import ConfigError, TrainConfig, load_config, parse_args
+from gptforge.train.loop import Trainer, train
+from gptforge.train.sampler import BatchSampler
 from tests import helpers
 from tests.helpers import REPO, TINY, read_metrics
-from train import checkpoint
-from train.config import ConfigError, TrainConfig, load_config, parse_args
-from train.loop import Trainer, train
-from train.sampler import BatchSampler
 
 # the helpers' TINY with one micro-batch of 8, a longer warmup and the default log interval
 TRAIN_TINY = {**{k: v for k, v in TINY.items() if k not in ("gradient_accumulation_steps", "log_interval")},
@@ -146,14 +146,14 @@ def test_config_layers_and_overrides(tmp_path):
 
 
 def test_cli_help_lists_every_key():
-    proc = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "gptforge.train", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "--gradient_accumulation_steps" in proc.stdout and "--attn_backend" in proc.stdout
 
 
 def test_sample_cli_is_reproducible(data_dir, tmp_path):
     train(config(data_dir, tmp_path, max_iters=2, eval_interval=2), log=lambda *_: None)
-    cmd = [sys.executable, "-m", "gpt.sample", "--out_dir", str(tmp_path), "--num_samples=2",
+    cmd = [sys.executable, "-m", "gptforge.gpt.sample", "--out_dir", str(tmp_path), "--num_samples=2",
            "--max_new_tokens=30", "--prompt=ROMEO:", "--seed=5"]
     first, second = (subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120) for _ in range(2))
     assert first.returncode == 0, first.stderr

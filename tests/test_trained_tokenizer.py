@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.config import GPTConfig
-from gpt.model import GPT
-from gpt.pretrained import export_hf, load_pretrained
-from gpt.tokenizer import (
+from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.model import GPT
+from gptforge.gpt.pretrained import export_hf, load_pretrained
+from gptforge.gpt.tokenizer import (
     EOT_TEXT,
     BPETokenizer,
     CharTokenizer,
@@ -29,7 +29,7 @@ from gpt.tokenizer import (
     start_tokens,
     tokenizer_from_meta,
 )
-from gpt.tokenizer_training import META_FILE, SPM_MIN_VOCAB, load_tokenizer_dir, train_tokenizer
+from gptforge.gpt.tokenizer_training import META_FILE, SPM_MIN_VOCAB, load_tokenizer_dir, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("sentencepiece", reason="sentencepiece is not installed")
@@ -170,7 +170,7 @@ def test_training_is_deterministic(trained, tmp_path):
 
 TRAIN_SCRIPT = """
 import json, sys
-from gpt.tokenizer_training import train_tokenizer
+from gptforge.gpt.tokenizer_training import train_tokenizer
 corpus = json.loads(open(sys.argv[1], encoding="utf-8").read())
 for kind, model_type in json.loads(sys.argv[2]):
     print(train_tokenizer(corpus, kind, 500, sys.argv[3] + kind + model_type, model_type, sample_size=100).sha256)

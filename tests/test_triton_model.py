@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt.config import GPTConfig
-from gpt.model import GPT
-from kernels import available_backends, use_backend
+from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.model import GPT
+from gptforge.kernels import available_backends, use_backend
 
 pytestmark = pytest.mark.skipif(
     "triton" not in available_backends("attention") or "triton" not in available_backends("layer_norm"),

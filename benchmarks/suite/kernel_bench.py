@@ -4,7 +4,7 @@ Attention (stage c): causal, bf16, T 1024 to 8192, D 64 and 128, 16k tokens per 
 / T, H = 2048 / D). Forward, and forward + backward, as TFLOP/s (4·B·H·T²·D for the forward,
 halved for causal; the backward counts 2.5 times that). Ours runs as the autotuner picks
 ("triton") and as every kernel variant this GPU's candidate lists hold, forced one at a time
-("triton[tma]", "triton[today]" for the kernel as first written, ...; kernels/triton/configs.py),
+("triton[tma]", "triton[today]" for the kernel as first written, ...; gptforge/kernels/triton/configs.py),
 so the variants race each other and the peers on the same inputs. The peers: SDPA with each of
 its CUDA backends pinned (FlashAttention-2, cuDNN, memory-efficient), Dao-AILab's flash_attn
 where installed, and the plain-PyTorch reference where its T x T scores fit (T <= 2048). Every
@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels
 from benchmarks.common import attention_flops, ln_bytes
 from benchmarks.suite.stage import Stage
-from kernels.triton import configs
+from gptforge import kernels
+from gptforge.kernels.triton import configs
 
 SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,

@@ -23,12 +23,12 @@ from collections.abc import Callable
 
 import torch
 
-import kernels
 from benchmarks.suite.stage import Stage
-from gpt.config import GPTConfig
-from gpt.generate import generate
-from gpt.model import GPT
-from train.device import peak_flops
+from gptforge import kernels
+from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.generate import generate
+from gptforge.gpt.model import GPT
+from gptforge.train.device import peak_flops
 
 GPT2 = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0)
 CHAR = GPTConfig(vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0)

@@ -28,11 +28,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
 from benchmarks.suite.stage import TUNING_CANDIDATES, Stage
-from kernels import reference
-from kernels.triton import common as triton_common
-from kernels.triton import configs, tuning
+from gptforge import kernels
+from gptforge.kernels import reference
+from gptforge.kernels.triton import common as triton_common
+from gptforge.kernels.triton import configs, tuning
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 LN_TOLERANCE = {FP32: 2e-5, FP16: 2e-2, BF16: 2e-2}

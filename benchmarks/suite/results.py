@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 RESULTS_FILE = "results.jsonl"
-TUNING_FILE = "tuning.json"  # the autotuner's winners (kernels/triton/tuning.py)
+TUNING_FILE = "tuning.json"  # the autotuner's winners (gptforge/kernels/triton/tuning.py)
 EXIT_CHECKS_FAILED = 3  # a stage's exit status when it ran but a parity check failed
 
 

@@ -119,7 +119,7 @@ class Stage:
 
     def start_tuning(self) -> None:
         """Short candidate lists, and the winners a previous run on this machine saved."""
-        from kernels.triton import tuning
+        from gptforge.kernels.triton import tuning
 
         tuning.limit_candidates(TUNING_CANDIDATES, TUNING_BENCH_MS)
         path = self.out / TUNING_FILE
@@ -132,7 +132,7 @@ class Stage:
     def record_tuning(self) -> None:
         """Record every config this process's autotuner picked, and save all winners (these and
         the loaded ones) for the next run."""
-        from kernels.triton import tuning
+        from gptforge.kernels.triton import tuning
 
         for w in tuning.winners(tuned_here=True):
             ident = (w["kernel"], tuple(w["key"]))

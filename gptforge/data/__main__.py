@@ -1,0 +1,7 @@
+"""``python -m gptforge.data prepare|tokenizer|verify ...``: see gptforge/data/cli.py."""
+
+import sys
+
+from gptforge.data import main
+
+sys.exit(main())

@@ -1,0 +1,332 @@
+"""Fused attention, backward pass (FlashAttention-2 style); the overview is in attention.py.
+
+``delta = rowsum(dO * O)`` first (a small preprocess kernel), then one kernel launched twice,
+recomputing the probabilities ``P = exp2(S - lse)`` tile by tile from the saved log-sum-exp:
+with KEY_BLOCKS a program owns a block of keys and loops over queries (dK, dV); without, it
+owns a block of queries and loops over keys (dQ). No (Tq, Tk) matrix is ever stored and no
+atomics are needed. Rows past T_Q load q = dO = 0 and lse = +inf, so their probabilities are
+exactly 0; keys past T_K load as 0 and their dK/dV rows are never stored.
+
+Besides the forward's switches (LONGEST_FIRST, TMA) two more are the tutorial's backward
+(Triton's fused-attention tutorial, with its 32 x 128 / 128 x 32 tiles in configs.py):
+``PRESCALED`` multiplies the operand a program keeps resident (K for dK/dV, Q for dQ) by the
+softmax scale once, so the scores come out of the dot in base 2 with no multiply per score;
+``INTERIOR_UNMASKED`` loads the dK/dV program's query tiles that lie wholly before T_Q without
+bounds masks (only the ragged last one keeps them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gptforge.kernels.triton.attention_forward import (
+    LOG2E,
+    _key_range,
+    _load_two,
+    _program_block,
+    _rng_counters,
+    _rows_desc,
+    _rows_ptrs,
+    _store_rows,
+    launch_grid,
+)
+from gptforge.kernels.triton.common import INTERPRET, device_guard, new_output, set_descriptor_allocator
+from gptforge.kernels.triton.configs import PREPROCESS_BLOCK_M, attention_kernel, philox_32bit
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, DO, DELTA,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, T_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """delta_i = sum_d dO_id * O_id: the row term of the softmax backward (dropout included)."""
+    block, bh, b, h = _program_block(H, False, False)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_ptrs, inside = _rows_ptrs(Out + b * stride_ob + h * stride_oh, offs_m, stride_ot, stride_od, T_Q, HEAD_DIM)
+    do_ptrs, _ = _rows_ptrs(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, stride_dod, T_Q, HEAD_DIM)
+    o, do = _load_two(o_ptrs, do_ptrs, inside, True)
+    tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < T_Q)
+
+
+@triton.jit
+def _query_range(start_n, T_Q, T_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Query bounds for the key block starting at ``start_n``: ``[lo, mid)`` needs the causal
+    mask, ``[mid, T_Q)`` sees the whole block. Queries before ``lo`` see none of it (skipped)."""
+    if CAUSAL:
+        shift = T_K - T_Q
+        first = tl.maximum(start_n - shift, 0)  # the first query that sees key start_n
+        lo = (first // BLOCK_M) * BLOCK_M
+        full = tl.maximum(start_n + BLOCK_N - 1 - shift, 0)  # the first query that sees the whole block
+        mid = tl.cdiv(full, BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.maximum(mid, lo), tl.cdiv(T_Q, BLOCK_M) * BLOCK_M)
+    else:
+        lo = 0
+        mid = 0
+    return lo, mid
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row,
+    stride_qt, stride_qd, stride_dot, stride_dod,
+    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, lo, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, BOUNDED: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRESCALED: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dK, dV of one key block over the query tiles ``[lo, hi)``, working on the
+    transposed tiles (keys along rows) so the key block stays the left operand of every dot.
+    MASKED: apply the causal mask; BOUNDED: the tiles may reach past T_Q (mask the loads)."""
+    offs_d = tl.arange(0, HEAD_DIM)  # the loop spells out its tiles: see _attn_fwd_inner
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + tl.arange(0, BLOCK_M)
+        if TMA:  # rows past T_Q come back as 0 from the copy engine
+            qt = tl.trans(Q_src.load([start_m, 0]))
+            do = DO_src.load([start_m, 0])
+        else:
+            qt_ptrs = Q_src + rows[None, :] * stride_qt + offs_d[:, None] * stride_qd  # Q^T: (D, BLOCK_M)
+            do_ptrs = DO_src + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod
+            qt = tl.load(qt_ptrs, mask=rows[None, :] < T_Q, other=0.0) if BOUNDED else tl.load(qt_ptrs)
+            do = tl.load(do_ptrs, mask=rows[:, None] < T_Q, other=0.0) if BOUNDED else tl.load(do_ptrs)
+        if UPCAST:
+            qt, do = qt.to(tl.float32), do.to(tl.float32)
+        if BOUNDED:
+            lse = tl.load(LSE_row + rows, mask=rows < T_Q, other=float("inf"))
+            delta = tl.load(DELTA_row + rows, mask=rows < T_Q, other=0.0)
+        else:
+            lse = tl.load(LSE_row + rows)
+            delta = tl.load(DELTA_row + rows)
+        if PRESCALED:  # k carries the scale already
+            pt = tl.math.exp2(tl.dot(k, qt) - lse[None, :])  # P^T: (BLOCK_N, BLOCK_M)
+        else:
+            pt = tl.math.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])
+        if MASKED:
+            pt = tl.where(cols[:, None] <= rows[None, :] + (T_K - T_Q), pt, 0.0)
+        if DROPOUT:
+            keep = tl.rand(seed, rng_base + rows[None, :] * rng_row + cols[:, None]) >= dropout_p
+            pt_dropped = tl.where(keep, pt * dropout_scale, 0.0)
+        else:
+            pt_dropped = pt
+        dv = tl.dot(pt_dropped.to(do.dtype), do, dv)
+        dpt = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
+        if DROPOUT:
+            dpt = tl.where(keep, dpt * dropout_scale, 0.0)
+        dst = pt * (dpt - delta[None, :])  # dS^T, the gradient of the (natural-log) scores
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
+    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, lo, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRESCALED: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dQ of one query block over the key tiles ``[lo, hi)``."""
+    offs_d = tl.arange(0, HEAD_DIM)  # the loop spells out its tiles: see _attn_fwd_inner
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        if TMA:
+            k = K_src.load([start_n, 0])
+            vt = tl.trans(V_src.load([start_n, 0]))
+        else:
+            k_ptrs = K_src + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd
+            vt_ptrs = V_src + cols[None, :] * stride_vt + offs_d[:, None] * stride_vd  # V^T: (D, BLOCK_N)
+            k = tl.load(k_ptrs, mask=cols[:, None] < T_K, other=0.0) if MASKED else tl.load(k_ptrs)
+            vt = tl.load(vt_ptrs, mask=cols[None, :] < T_K, other=0.0) if MASKED else tl.load(vt_ptrs)
+        if UPCAST:
+            k, vt = k.to(tl.float32), vt.to(tl.float32)
+        if PRESCALED:  # q carries the scale already
+            p = tl.math.exp2(tl.dot(q, tl.trans(k)) - lse[:, None])
+        else:
+            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        if MASKED:
+            visible = cols[None, :] < T_K
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + (T_K - T_Q))
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, vt)
+        if DROPOUT:
+            keep = tl.rand(seed, rng_base + rows[:, None] * rng_row + cols[None, :]) >= dropout_p
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _prescale(resident, qk_scale, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``resident * qk_scale`` rounded to the input dtype, as the tensor cores will read it.
+    That rounding is the switch's price: the scores no longer see exactly the forward's
+    operands (in the parity tests the bf16 gradients' error against float64 grew by up to
+    about 1.5x, within the tolerance)."""
+    scaled = resident.to(tl.float32) * qk_scale
+    if UPCAST and dtype == tl.bfloat16:
+        # the interpreter's fp32 -> bf16 cast truncates; round to nearest even on the bits, as a GPU does
+        bits = scaled.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    scaled = scaled.to(dtype)
+    if UPCAST:
+        scaled = scaled.to(tl.float32)
+    return scaled
+
+
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
+def _attn_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, seed,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    H, T_Q, T_K, BH_KEY, T_Q_KEY, T_K_KEY, sm_scale, qk_scale, dropout_p, dropout_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PHILOX_32: tl.constexpr,
+    KEY_BLOCKS: tl.constexpr, LONGEST_FIRST: tl.constexpr, TMA: tl.constexpr,
+    PRESCALED: tl.constexpr, INTERIOR_UNMASKED: tl.constexpr,
+):  # fmt: skip
+    # Grid: (key blocks with KEY_BLOCKS, else query blocks; batch * heads), swapped with
+    # LONGEST_FIRST. KEY_BLOCKS is a constexpr: each launch compiles only its own branch, and
+    # never touches the other's outputs. Each branch forms its per-head pointers after its
+    # first loads: formed before them (shared), the dQ branch took a quarter more registers on
+    # sm_90 (python -m gptforge.kernels.aot).
+    if KEY_BLOCKS:  # this program's BLOCK_N keys: dK and dV, looping over the queries that see them
+        block, bh, b, h = _program_block(H, LONGEST_FIRST, False)  # causal: early keys are seen most
+        start_n = block * BLOCK_N
+        cols = start_n + tl.arange(0, BLOCK_N)
+        if TMA:
+            k = _rows_desc(K + b * stride_kb + h * stride_kh, T_K, stride_kt, BLOCK_N, HEAD_DIM).load([start_n, 0])
+            v = _rows_desc(V + b * stride_vb + h * stride_vh, T_K, stride_vt, BLOCK_N, HEAD_DIM).load([start_n, 0])
+            if UPCAST:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            Q_src = _rows_desc(Q + b * stride_qb + h * stride_qh, T_Q, stride_qt, BLOCK_M, HEAD_DIM)
+            DO_src = _rows_desc(DO + b * stride_dob + h * stride_doh, T_Q, stride_dot, BLOCK_M, HEAD_DIM)
+        else:
+            k_ptrs, inside = _rows_ptrs(K + b * stride_kb + h * stride_kh, cols, stride_kt, stride_kd, T_K, HEAD_DIM)
+            v_ptrs, _ = _rows_ptrs(V + b * stride_vb + h * stride_vh, cols, stride_vt, stride_vd, T_K, HEAD_DIM)
+            k, v = _load_two(k_ptrs, v_ptrs, inside, UPCAST)
+            Q_src = Q + b * stride_qb + h * stride_qh
+            DO_src = DO + b * stride_dob + h * stride_doh
+        if PRESCALED:
+            k = _prescale(k, qk_scale, K.dtype.element_ty, UPCAST)
+        LSE_row = LSE + bh.to(tl.int64) * T_Q
+        DELTA_row = DELTA + bh.to(tl.int64) * T_Q
+        rng_base, rng_row = _rng_counters(bh, T_Q, T_K, PHILOX_32)  # dropout: the forward's Philox counters
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        lo, mid = _query_range(start_n, T_Q, T_K, BLOCK_M, BLOCK_N, CAUSAL)
+        # the query tiles on the causal diagonal (causal only): masked; then those that see every key
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, lo, mid,
+            HEAD_DIM, BLOCK_M, True, True, DROPOUT, UPCAST, PRESCALED, TMA,
+        )  # fmt: skip
+        if INTERIOR_UNMASKED:  # the tiles wholly before T_Q without bounds masks, then the ragged one
+            interior = tl.maximum((T_Q // BLOCK_M) * BLOCK_M, mid)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
+                seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, mid, interior,
+                HEAD_DIM, BLOCK_M, False, False, DROPOUT, UPCAST, PRESCALED, TMA,
+            )  # fmt: skip
+        else:
+            interior = mid
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, interior, T_Q,
+            HEAD_DIM, BLOCK_M, False, True, DROPOUT, UPCAST, PRESCALED, TMA,
+        )  # fmt: skip
+        dk = dk * sm_scale  # S = scale * Q K^T, so dK = scale * dS^T Q
+        DK_head = DK + b * stride_dkb + h * stride_dkh
+        DV_head = DV + b * stride_dvb + h * stride_dvh
+        if TMA:
+            _rows_desc(DK_head, T_K, stride_dkt, BLOCK_N, HEAD_DIM).store([start_n, 0], dk.to(DK.dtype.element_ty))
+            _rows_desc(DV_head, T_K, stride_dvt, BLOCK_N, HEAD_DIM).store([start_n, 0], dv.to(DV.dtype.element_ty))
+        else:
+            _store_rows(DK_head, cols, stride_dkt, stride_dkd, T_K, dk, HEAD_DIM)
+            _store_rows(DV_head, cols, stride_dvt, stride_dvd, T_K, dv, HEAD_DIM)
+    else:  # this program's BLOCK_M queries: dQ, looping over the keys they see
+        block, bh, b, h = _program_block(H, LONGEST_FIRST, True)  # causal: late queries see most keys
+        start_m = block * BLOCK_M
+        rows = start_m + tl.arange(0, BLOCK_M)
+        if TMA:
+            q = _rows_desc(Q + b * stride_qb + h * stride_qh, T_Q, stride_qt, BLOCK_M, HEAD_DIM).load([start_m, 0])
+            do = _rows_desc(DO + b * stride_dob + h * stride_doh, T_Q, stride_dot, BLOCK_M, HEAD_DIM).load([start_m, 0])
+            if UPCAST:
+                q, do = q.to(tl.float32), do.to(tl.float32)
+            K_src = _rows_desc(K + b * stride_kb + h * stride_kh, T_K, stride_kt, BLOCK_N, HEAD_DIM)
+            V_src = _rows_desc(V + b * stride_vb + h * stride_vh, T_K, stride_vt, BLOCK_N, HEAD_DIM)
+        else:
+            q_ptrs, inside = _rows_ptrs(Q + b * stride_qb + h * stride_qh, rows, stride_qt, stride_qd, T_Q, HEAD_DIM)
+            do_ptrs, _ = _rows_ptrs(DO + b * stride_dob + h * stride_doh, rows, stride_dot, stride_dod, T_Q, HEAD_DIM)
+            q, do = _load_two(q_ptrs, do_ptrs, inside, UPCAST)
+            K_src = K + b * stride_kb + h * stride_kh
+            V_src = V + b * stride_vb + h * stride_vh
+        if PRESCALED:
+            q = _prescale(q, qk_scale, Q.dtype.element_ty, UPCAST)
+        lse = tl.load(LSE + bh.to(tl.int64) * T_Q + rows, mask=rows < T_Q, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * T_Q + rows, mask=rows < T_Q, other=0.0)
+        rng_base, rng_row = _rng_counters(bh, T_Q, T_K, PHILOX_32)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        mid, hi = _key_range(start_m, T_Q, T_K, BLOCK_M, BLOCK_N, CAUSAL)
+        # keys every query of the block sees: no mask; then the causal diagonal and the ragged end: masked
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, 0, mid,
+            HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, UPCAST, PRESCALED, TMA,
+        )  # fmt: skip
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, mid, hi,
+            HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, UPCAST, PRESCALED, TMA,
+        )  # fmt: skip
+        dq = dq * sm_scale
+        DQ_head = DQ + b * stride_dqb + h * stride_dqh
+        if TMA:
+            _rows_desc(DQ_head, T_Q, stride_dqt, BLOCK_M, HEAD_DIM).store([start_m, 0], dq.to(DQ.dtype.element_ty))
+        else:
+            _store_rows(DQ_head, rows, stride_dqt, stride_dqd, T_Q, dq, HEAD_DIM)
+
+
+def backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    causal: bool, dropout_p: float, scale: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Returns ``(dq, dk, dv)``, recomputing the probabilities from the forward's ``lse``."""
+    B, H, T_q, D = q.shape
+    T_k = k.shape[2]
+    delta = new_output(lse.shape, lse.dtype, lse.device)
+    dq, dk, dv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
+    args = (
+        q, k, v, do, lse, delta, dq, dk, dv, seed,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        H, T_q, T_k, triton.next_power_of_2(B * H), triton.next_power_of_2(T_q), triton.next_power_of_2(T_k),
+        scale, scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+    )  # fmt: skip
+    flags = dict(
+        HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET, PHILOX_32=philox_32bit(B * H, T_q, T_k)
+    )
+    tensors = (q, k, v, do, dq, dk, dv)
+    dkdv, dkdv_meta = attention_kernel("bwd_dkdv", _attn_bwd_kernel, q, dropout_p > 0.0, tensors)
+    dq_kernel, dq_meta = attention_kernel("bwd_dq", _attn_bwd_kernel, q, dropout_p > 0.0, tensors)
+    set_descriptor_allocator(q)
+    with device_guard(q):
+        _attn_bwd_preprocess_kernel[(triton.cdiv(T_q, PREPROCESS_BLOCK_M), B * H)](
+            o, do, delta, *o.stride(), *do.stride(), H, T_q, HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M,
+        )  # fmt: skip
+        dkdv[lambda m: launch_grid(triton.cdiv(T_k, m["BLOCK_N"]), B * H, m["LONGEST_FIRST"])](
+            *args, **flags, KEY_BLOCKS=True, **dkdv_meta
+        )
+        dq_kernel[lambda m: launch_grid(triton.cdiv(T_q, m["BLOCK_M"]), B * H, m["LONGEST_FIRST"])](
+            *args, **flags, KEY_BLOCKS=False, **dq_meta
+        )
+    return dq, dk, dv

@@ -21,7 +21,7 @@ setup(
         "tiktoken",
         "sentencepiece>=0.2",  # tokenizers trained on the user's corpus (gptforge/gpt/tokenizer_training.py)
         "tokenizers>=0.20",  # byte-level BPE; 0.20 brought encode_batch_fast
-        "pyarrow",  # Parquet corpora (gptforge/data/corpus.py)
+        "pyarrow",  # Parquet corpora (gptforge/data/inputs.py)
         "zstandard",  # .jsonl.zst corpora
         "deepspeed",
         "numpy",

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from benchmarks.common import Result, record
-from gptforge.data import corpus
+from gptforge.data.shards import FORMAT, FORMAT_VERSION, HEADER_BYTES, MANIFEST, load_manifest, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_MB = float(os.environ.get("GPT_BENCH_CORPUS_MB", "200"))
@@ -80,7 +80,7 @@ def test_prepare_throughput(benchmark, tmp_path):
             for workers in (1, 2) if r % 2 == 0 else (2, 1):
                 out = tmp_path / f"data{r}"
                 times[workers].append(prepare(tmp_path / "in", out, f"w{workers}", workers))
-                manifest = corpus.load_manifest(out / f"w{workers}")
+                manifest = load_manifest(out / f"w{workers}")
                 tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
             for workers in (1, 2):
                 for shard in (tmp_path / f"data{r}" / f"w{workers}").glob("*.bin"):
@@ -126,19 +126,19 @@ def sparse_corpus(folder: Path, shards: int = 10, shard_tokens: int = 100_000_00
     entries = []
     for i in range(shards):
         path = folder / f"train_{i:06d}.bin"
-        corpus.write_shard(path, np.zeros(0, dtype=np.uint16))
+        write_shard(path, np.zeros(0, dtype=np.uint16))
         with open(path, "r+b") as f:
             f.seek(16)
             f.write(shard_tokens.to_bytes(8, "little"))
-            f.truncate(corpus.HEADER_BYTES + 2 * shard_tokens)
+            f.truncate(HEADER_BYTES + 2 * shard_tokens)
         entries.append(dict(file=path.name, tokens=shard_tokens))
-    corpus.write_shard(folder / "val_000000.bin", np.zeros(10_000, dtype=np.uint16))
-    manifest = dict(format=corpus.FORMAT, format_version=corpus.FORMAT_VERSION, dtype="uint16", vocab_size=65,
+    write_shard(folder / "val_000000.bin", np.zeros(10_000, dtype=np.uint16))
+    manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, dtype="uint16", vocab_size=65,
                     max_token_id=0, tokenizer=CharTokenizer("".join(chr(32 + i) for i in range(65))).to_meta(),
                     inputs=[], splits=dict(train=dict(tokens=shards * shard_tokens, shards=entries),
                                            val=dict(tokens=10_000, shards=[dict(file="val_000000.bin",
                                                                                 tokens=10_000)])))
-    (folder / corpus.MANIFEST).write_text(json.dumps(manifest))
+    (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_training_start_on_a_large_corpus(benchmark, tmp_path):

@@ -50,7 +50,7 @@ NANOGPT_ITER = re.compile(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms", re.M)
 def prepare_nanogpt(nanogpt: Path, work: Path) -> Path:
     """A folder to run nanoGPT's train.py in (it reads configurator.py and data/ from the
     working directory), with Tiny Shakespeare prepared by nanoGPT's own prepare.py."""
-    from gptforge.data import fetch_shakespeare
+    from gptforge.data.download import fetch_shakespeare
 
     for name in ("train.py", "model.py", "configurator.py", "data/shakespeare_char/prepare.py"):
         if not (nanogpt / name).is_file():

@@ -22,6 +22,18 @@ import numpy as np
 import pytest
 
 from gptforge.data import DataError, check_token_ids, corpus, load_meta, load_tokens
+from gptforge.data.errors import CorpusError
+from gptforge.data.inputs import describe_inputs, expand_inputs, iter_raw_documents, parse_document
+from gptforge.data.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    ShardWriter,
+    read_header,
+    token_dtype,
+    write_manifest,
+    write_shard,
+)
 from gptforge.gpt.tokenizer import CharTokenizer, GPT2Tokenizer
 from gptforge.train.loop import train
 from tests import helpers
@@ -64,7 +76,7 @@ def make_corpus(root: Path, bad: bool = True, scale: int = 1) -> Path:
 
 def prepare(root: Path, out: Path, **options) -> dict:
     options = dict(dict(val_fraction=0.1, shard_tokens=20_000, log=lambda *_: None), **options)
-    return corpus.prepare_corpus(out, corpus.expand_inputs(str(root / "*")), GPT2Tokenizer().to_meta(), **options)
+    return corpus.prepare_corpus(out, expand_inputs(str(root / "*")), GPT2Tokenizer().to_meta(), **options)
 
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
@@ -176,7 +188,7 @@ def test_a_changed_input_is_noticed_on_resume(corpus_dir, tmp_path):
     root = make_corpus(tmp_path / "in")
     folder = tmp_path / "data" / "c"
     (folder / corpus.PROGRESS_DIR).mkdir(parents=True)
-    settings = dict(tokenizer=GPT2Tokenizer().to_meta(), inputs=corpus.describe_inputs(corpus.expand_inputs(
+    settings = dict(tokenizer=GPT2Tokenizer().to_meta(), inputs=describe_inputs(expand_inputs(
         str(root / "*"))), input_splits=["train"] * len(list(root.iterdir())), val_fraction=0.1, text_field="text",
         shard_tokens=20_000)  # fmt: skip
     state = dict(settings=settings, shards={"train": [], "val": []},
@@ -184,7 +196,7 @@ def test_a_changed_input_is_noticed_on_resume(corpus_dir, tmp_path):
     (folder / corpus.PROGRESS_DIR / "state.json").write_text(json.dumps(state))
     with open(root / "a.jsonl", "a") as f:
         f.write(json.dumps({"text": "one more line"}) + "\n")
-    with pytest.raises(corpus.CorpusError, match=r"stopped with other inputs \(did an input change\?\)"):
+    with pytest.raises(CorpusError, match=r"stopped with other inputs \(did an input change\?\)"):
         prepare(root, folder)
 
 
@@ -203,8 +215,8 @@ def test_training_reads_shards_and_resumes_across_a_shard_boundary(prepared, tmp
     # and a batch that crosses a shard boundary is the stream's tokens there
     tokens = load_tokens(prepared, "train")
     crossing = tokens[19_990:20_010]
-    first = np.memmap(prepared / "train_000000.bin", dtype=np.uint16, mode="r", offset=corpus.HEADER_BYTES)
-    second = np.memmap(prepared / "train_000001.bin", dtype=np.uint16, mode="r", offset=corpus.HEADER_BYTES)
+    first = np.memmap(prepared / "train_000000.bin", dtype=np.uint16, mode="r", offset=HEADER_BYTES)
+    second = np.memmap(prepared / "train_000001.bin", dtype=np.uint16, mode="r", offset=HEADER_BYTES)
     assert crossing.tolist() == first[-10:].tolist() + second[:10].tolist()
 
 
@@ -212,12 +224,12 @@ def write_tokens(folder: Path, tokens: dict[str, np.ndarray], tokenizer_meta: di
                  shard_tokens: int) -> None:
     """A dataset from given token streams, as prepare writes it (tests and benchmarks)."""
     folder.mkdir(parents=True)
-    dtype = corpus.token_dtype(vocab_size)
-    writers = {s: corpus.ShardWriter(folder, s, shard_tokens, dtype) for s in tokens}
+    dtype = token_dtype(vocab_size)
+    writers = {s: ShardWriter(folder, s, shard_tokens, dtype) for s in tokens}
     for split, stream in tokens.items():
         writers[split].append(stream)
         writers[split].finish()
-    corpus.write_manifest(folder, writers, tokenizer_meta, vocab_size, int(max(t.max() for t in tokens.values())),
+    write_manifest(folder, writers, tokenizer_meta, vocab_size, int(max(t.max() for t in tokens.values())),
                           dict(inputs=[]))
 
 
@@ -230,7 +242,7 @@ def test_a_vocabulary_past_uint16_writes_uint32_shards_and_trains(tmp_path):
     streams["train"][:5] = [69_999, 65_536, 65_535, 0, 1]
     folder = tmp_path / "wide"
     write_tokens(folder, streams, tok.to_meta(), vocab, shard_tokens=10_000)
-    assert corpus.read_header(folder / "train_000000.bin") == (np.dtype(np.uint32), 10_000)
+    assert read_header(folder / "train_000000.bin") == (np.dtype(np.uint32), 10_000)
     assert load_tokens(folder, "train")[:5].tolist() == [69_999, 65_536, 65_535, 0, 1]
     quiet(helpers.config(tmp_path, tmp_path / "out", dataset="wide", max_iters=2, eval_iters=1, n_embd=16))
     logs, _ = logs_and_evals(tmp_path / "out")
@@ -246,14 +258,14 @@ def test_a_start_reads_the_manifest_and_headers_only(tmp_path, monkeypatch):
     entries = []
     for i in range(shards):
         path = folder / f"train_{i:06d}.bin"
-        corpus.write_shard(path, np.zeros(0, dtype=np.uint16))  # a header, then made long by a hole
+        write_shard(path, np.zeros(0, dtype=np.uint16))  # a header, then made long by a hole
         with open(path, "r+b") as f:
             f.seek(8 + 4 + 4)
             f.write(shard_tokens.to_bytes(8, "little"))
-            f.truncate(corpus.HEADER_BYTES + 2 * shard_tokens)
+            f.truncate(HEADER_BYTES + 2 * shard_tokens)
         entries.append(dict(file=path.name, tokens=shard_tokens, sha256="not checked at start"))
-    corpus.write_shard(folder / "val_000000.bin", np.zeros(1000, dtype=np.uint16))
-    manifest = dict(format=corpus.FORMAT, format_version=corpus.FORMAT_VERSION, dtype="uint16", vocab_size=65,
+    write_shard(folder / "val_000000.bin", np.zeros(1000, dtype=np.uint16))
+    manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, dtype="uint16", vocab_size=65,
                     max_token_id=0, tokenizer=CharTokenizer("abc").to_meta(), inputs=[],
                     splits=dict(train=dict(tokens=shard_tokens * shards, shards=entries),
                                 val=dict(tokens=1000, shards=[dict(file="val_000000.bin", tokens=1000)])))
@@ -278,7 +290,8 @@ def test_cli_errors_are_one_line(tmp_path, corpus_dir):
         (["--input", str(corpus_dir / "*"), "--dataset", "x", "--shard_tokens", "lots"], "expected a count"),
     ]
     for args, message in cases:
-        proc = helpers.run([sys.executable, "-m", "gptforge.data", "prepare", "--data_dir", str(tmp_path), *args], env=env)
+        proc = helpers.run([sys.executable, "-m", "gptforge.data", "prepare", "--data_dir", str(tmp_path), *args],
+                           env=env)
         assert proc.returncode in (1, 2) and message in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
     with pytest.raises(DataError, match="holds a sharded corpus; train on it with --dataset"):
@@ -320,7 +333,8 @@ def test_a_tokenizer_trained_on_the_corpus_prepares_trains_samples_and_exports(t
                           "--max_new_tokens", "5", "--device", "cpu"])
     assert sample.returncode == 0 and "ROMEO:" in sample.stdout, sample.stderr
     export = tmp_path / "hf"
-    done = helpers.run([sys.executable, "-m", "gptforge.gpt.pretrained", "export", "--out_dir", str(out), "--to", str(export)])
+    done = helpers.run([sys.executable, "-m", "gptforge.gpt.pretrained", "export", "--out_dir", str(out),
+                        "--to", str(export)])
     assert done.returncode == 0, done.stderr
     from transformers import AutoTokenizer
 
@@ -340,9 +354,9 @@ def test_every_input_kind_reads_its_documents(tmp_path):
         f.write(data)
     want = [(1, lines[0].encode() + b"\n"), (2, lines[1].encode() + b"\n"), (3, lines[2].encode() + b"\n")]
     for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.zst"):
-        got = list(corpus.iter_raw_documents(tmp_path / name, "text"))
+        got = list(iter_raw_documents(tmp_path / name, "text"))
         assert got == want, name
-        assert [corpus.parse_document("jsonl", raw, "text") for _, raw in got] == ["first", "second\nline",
+        assert [parse_document("jsonl", raw, "text") for _, raw in got] == ["first", "second\nline",
                                                                                   "caf\u00e9 \u4e2d"]
 
 
@@ -357,7 +371,7 @@ def test_every_input_kind_reads_its_documents(tmp_path):
 ])  # fmt: skip
 def test_bad_documents_say_why(kind, raw, why):
     with pytest.raises(ValueError, match=why):
-        corpus.parse_document(kind, raw, "text")
+        parse_document(kind, raw, "text")
 
 
 class Killed(Exception):
@@ -384,7 +398,7 @@ def test_a_prepare_stopped_at_any_shard_resumes_to_the_same_dataset(tmp_path, mo
     prepare(root, reference, **options)
     want_bytes, want = shard_bytes(reference), json.loads((reference / "manifest.json").read_text())
     assert len(want_bytes) > 40
-    save, write = corpus._save_progress, corpus.write_shard
+    save, write = corpus._save_progress, write_shard
     for n in (1, 2, 7, 19):
         for where in ("after recording", "before recording"):
             folder = tmp_path / f"stopped{n}{where[0]}"
@@ -407,7 +421,7 @@ def test_a_prepare_stopped_at_any_shard_resumes_to_the_same_dataset(tmp_path, mo
                 if where == "after recording":
                     patch.setattr(corpus, "_save_progress", stop_after_save)
                 else:
-                    patch.setattr(corpus, "write_shard", stop_after_write)
+                    patch.setattr("gptforge.data.shards.write_shard", stop_after_write)
                 with pytest.raises(Killed):
                     prepare(root, folder, **options)
             assert not (folder / "manifest.json").exists()
@@ -420,17 +434,17 @@ def test_a_prepare_stopped_at_any_shard_resumes_to_the_same_dataset(tmp_path, mo
 def test_unreadable_inputs_and_overlapping_splits_are_refused(tmp_path, corpus_dir):
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes((corpus_dir / "b.jsonl.gz").read_bytes()[:2000])  # a download cut short
-    with pytest.raises(corpus.CorpusError, match=r"cut.jsonl.gz cannot be read after document \d+ \(EOFError"):
-        list(corpus.iter_raw_documents(cut, "text"))
-    inputs = corpus.expand_inputs(str(corpus_dir / "*.jsonl"))
-    with pytest.raises(corpus.CorpusError, match="is in both --input and --val_input"):
+    with pytest.raises(CorpusError, match=r"cut.jsonl.gz cannot be read after document \d+ \(EOFError"):
+        list(iter_raw_documents(cut, "text"))
+    inputs = expand_inputs(str(corpus_dir / "*.jsonl"))
+    with pytest.raises(CorpusError, match="is in both --input and --val_input"):
         corpus.prepare_corpus(tmp_path / "x", inputs, GPT2Tokenizer().to_meta(), val_inputs=inputs)
 
 
 def test_slices_of_the_stream(prepared):
     tokens = load_tokens(prepared, "train")
     n = len(tokens)
-    whole = np.concatenate([np.memmap(p, dtype=np.uint16, mode="r", offset=corpus.HEADER_BYTES)
+    whole = np.concatenate([np.memmap(p, dtype=np.uint16, mode="r", offset=HEADER_BYTES)
                             for p in sorted(prepared.glob("train_*.bin"))])
     for a, b in ((0, 0), (5, 5), (19_999, 20_001), (20_000, 40_000), (n - 3, n), (n, n), (-10, None), (7, 3)):
         assert tokens[a:b].tolist() == whole[a:b].tolist(), (a, b)
@@ -441,13 +455,14 @@ def test_verify_finds_a_damaged_shard(prepared, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(prepared, copy)
-    ok = helpers.run([sys.executable, "-m", "gptforge.data", "verify", "--dataset", "copy", "--data_dir", str(tmp_path)])
+    verify = [sys.executable, "-m", "gptforge.data", "verify", "--dataset", "copy", "--data_dir", str(tmp_path)]
+    ok = helpers.run(verify)
     assert ok.returncode == 0 and "every shard matches its sha256" in ok.stderr, ok.stderr
     shard = copy / "train_000001.bin"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1  # one token changed: the header and size still agree
     shard.write_bytes(bytes(data))
-    bad = helpers.run([sys.executable, "-m", "gptforge.data", "verify", "--dataset", "copy", "--data_dir", str(tmp_path)])
+    bad = helpers.run(verify)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [f"error: {shard} does not match its sha256 in the manifest (train "
                                                "split): damaged"]

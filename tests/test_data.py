@@ -20,8 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptforge import data
-from gptforge.data import DataError, ensure_prepared, load_meta, load_tokenizer, load_tokens, prepare
+from gptforge.data import (
+    DataError,
+    datasets,
+    download,
+    ensure_prepared,
+    load_meta,
+    load_tokenizer,
+    load_tokens,
+    prepare,
+)
 from gptforge.gpt.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,10 +132,10 @@ def test_shakespeare_char_is_deterministic_and_counts_match(serve_shakespeare, s
     assert meta["vocab_size"] == 65
     assert meta["train_tokens"] == 1_003_854 == int(len(text) * 0.9)
     assert meta["val_tokens"] == 111_540 == len(text) - meta["train_tokens"]
-    assert meta["source"]["sha256"] == data.SHAKESPEARE_SHA256
+    assert meta["source"]["sha256"] == download.SHAKESPEARE_SHA256
     assert meta["source"]["bytes"] == 1_115_394
     assert meta["tokenizer"]["name"] == "char"
-    for split in data.SPLITS:
+    for split in datasets.SPLITS:
         assert (first / f"{split}.bin").stat().st_size == 2 * meta[f"{split}_tokens"]
 
     train, val = load_tokens(first, "train"), load_tokens(first, "val")
@@ -157,7 +165,7 @@ def test_download_is_cached_and_reverified(serve_shakespeare, closed_port_url, m
     # ... and is fetched again when the URL works
     monkeypatch.setenv("GPT_DATA_URL", serve_shakespeare.url("/input.txt"))
     prepare("shakespeare_char", tmp_path)
-    assert hashlib.sha256(cached.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == download.SHAKESPEARE_SHA256
 
 
 def test_corrupted_download_is_refused_and_not_kept(server, monkeypatch, tmp_path):
@@ -167,7 +175,7 @@ def test_corrupted_download_is_refused_and_not_kept(server, monkeypatch, tmp_pat
     message = str(err.value)
     corrupt_sha = hashlib.sha256(server.routes["/corrupt.txt"]).hexdigest()
     assert "sha256" in message
-    assert data.SHAKESPEARE_SHA256 in message
+    assert download.SHAKESPEARE_SHA256 in message
     assert corrupt_sha in message
     assert "/corrupt.txt" in message
     assert "GPT_DATA_URL" in message
@@ -200,7 +208,7 @@ def test_silent_server_times_out(tmp_path):
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/input.txt"
         started = time.monotonic()
         with pytest.raises(DataError, match="timed out"):
-            data.download(url, tmp_path / "x.txt", data.SHAKESPEARE_SHA256, timeout=0.5)
+            download.download(url, tmp_path / "x.txt", download.SHAKESPEARE_SHA256, timeout=0.5)
         assert time.monotonic() - started < 5
     assert _files_in(tmp_path) == []
 
@@ -307,7 +315,7 @@ def test_interrupted_prepare_leaves_no_half_files(tmp_path, monkeypatch):
         if len(calls) == 2:  # while writing val.bin
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(data.os, "fsync", fsync_then_die)
+    monkeypatch.setattr(os, "fsync", fsync_then_die)
     with pytest.raises(KeyboardInterrupt):
         prepare("t", tmp_path, input_path=path)
     assert _files_in(folder) == ["train.bin", "val.bin"]  # old val.bin kept whole, no temp file, no meta.json
@@ -326,7 +334,7 @@ def test_ensure_prepared(tmp_path, monkeypatch):
     def must_not_prepare(*args, **kwargs):
         raise AssertionError("prepared again")
 
-    monkeypatch.setattr(data, "prepare", must_not_prepare)
+    monkeypatch.setattr(datasets, "prepare", must_not_prepare)
     assert ensure_prepared("t", tmp_path, input_path=path) == folder
     assert ensure_prepared("t", tmp_path) == folder
     with pytest.raises(DataError, match="prepared with the char tokenizer, not gpt2"):

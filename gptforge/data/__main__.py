@@ -2,6 +2,6 @@
 
 import sys
 
-from gptforge.data import main
+from gptforge.data.cli import main
 
 sys.exit(main())

@@ -1,0 +1,18 @@
+"""The data pipeline's errors: each is a problem the user can fix, and its message says how.
+
+The command line (cli.py) prints them as one line; training stops on them before it starts.
+"""
+
+from __future__ import annotations
+
+
+class DataError(RuntimeError):
+    """Preparing or loading data failed for a reason the user can fix; the message says how."""
+
+
+class CorpusError(RuntimeError):
+    """A corpus cannot be prepared or read as asked; the message says why and what to do."""
+
+
+class BadDocumentError(CorpusError):
+    """A bad document under --on_bad=stop (the command line exits with status 2)."""

@@ -1,0 +1,129 @@
+"""A corpus's input files: which ones a --input names, and the documents in each.
+
+Inputs are ``.txt`` files (one document each), JSON lines (``.jsonl``, ``.jsonl.gz``,
+``.jsonl.zst``: one document per line, its text in ``--text_field``) and Parquet files (a text
+column). Files are read here as raw documents; parse_document turns one into text (in the
+tokenizing workers, so that parsing runs in parallel), or says why it is a bad document.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import gzip
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from gptforge.data.errors import CorpusError
+
+INPUT_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".jsonl.zst": "jsonl", ".parquet": "parquet"}
+
+
+def input_kind(path: str | Path) -> str | None:
+    """"txt", "jsonl" or "parquet" by the file's name (the longest matching suffix); None for others."""
+    name = str(path).lower()
+    return next((kind for suffix, kind in sorted(INPUT_KINDS.items(), key=lambda kv: -len(kv[0]))
+                 if name.endswith(suffix)), None)  # fmt: skip
+
+
+def expand_inputs(pattern: str) -> list[Path]:
+    """The files a glob (or a directory, or one path) names, sorted, each of a kind we read."""
+    path = Path(pattern)
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and input_kind(p))
+    else:
+        found = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file())
+    if not found:
+        raise CorpusError(f"--input {pattern!r} matches no file")
+    unknown = [p for p in found if input_kind(p) is None]
+    if unknown:
+        raise CorpusError(f"{unknown[0]} is not an input this reads: use {', '.join(INPUT_KINDS)} files")
+    return found
+
+
+def describe_inputs(paths: list[Path]) -> list[dict]:
+    """The input files as the manifest lists them; a resumed prepare compares them."""
+    return [dict(path=str(p.resolve()), bytes=p.stat().st_size, mtime_ns=p.stat().st_mtime_ns) for p in paths]
+
+
+def _open_lines(path: Path) -> Iterable[bytes]:
+    name = str(path).lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise CorpusError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+        import io
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+    return open(path, "rb")
+
+
+def iter_raw_documents(path: Path, text_field: str) -> Iterator[tuple[int, bytes | str]]:
+    """(line or row number, raw document) of one input file: a .txt file is one document; JSON
+    lines are parsed by the workers (bytes here); Parquet yields its column's strings (a null is
+    passed on as None: a bad document). A file that cannot be read to its end (cut short,
+    damaged) is a CorpusError naming it and where it broke."""
+    number = 0
+    try:
+        for number, raw in _raw_documents(path, text_field):
+            yield number, raw
+    except CorpusError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- gzip, zstandard and pyarrow each raise their own kinds
+        raise CorpusError(f"{path} cannot be read after document {number} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'no detail'}): replace the file, or "
+                          "leave it out of --input") from None
+
+
+def _raw_documents(path: Path, text_field: str) -> Iterator[tuple[int, bytes | str]]:
+    kind = input_kind(path)
+    if kind == "txt":
+        yield 1, path.read_bytes()
+    elif kind == "jsonl":
+        with _open_lines(path) as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield number, line
+    else:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise CorpusError(f"{path}: reading Parquet needs the pyarrow package (pip install pyarrow)") from None
+        parquet = pq.ParquetFile(path)
+        if text_field not in parquet.schema_arrow.names:
+            raise CorpusError(f"{path} has no column {text_field!r} (its columns: "
+                              f"{', '.join(parquet.schema_arrow.names)}); name the text column with --text_field")
+        row = 0
+        for group in range(parquet.num_row_groups):
+            for value in parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist():
+                row += 1
+                yield row, value
+
+
+def parse_document(kind: str, raw: bytes | str | None, text_field: str) -> str:
+    """The text of one raw document; a ValueError says why it is not one."""
+    if kind == "txt":
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"invalid UTF-8 at byte {err.start}") from None
+    if kind == "jsonl":
+        try:
+            record = json.loads(raw)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"invalid UTF-8 at byte {err.start}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise ValueError(f"no {text_field!r} field")
+        raw = record[text_field]
+    if not isinstance(raw, str):
+        raise ValueError(f"the {text_field!r} field is {type(raw).__name__}, not text")
+    try:
+        raw.encode("utf-8")  # a lone surrogate ("\\ud800" in JSON) is no Unicode text
+    except UnicodeEncodeError as err:
+        raise ValueError(f"not Unicode text (a lone surrogate at character {err.start})") from None
+    return raw

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from gptforge.gpt.model import GPT, KVCache, unwrap
-from gptforge.gpt.tokenizer import Tokenizer
+from gptforge.gpt.tokenizer_base import Tokenizer
 
 
 def check_sampling(

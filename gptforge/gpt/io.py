@@ -4,6 +4,7 @@ A model directory holds ``model.safetensors`` and ``model.json``; training check
 (``gptforge/train/checkpoint.py``) are model directories with the training state beside them, and a
 ``manifest.json`` with the sha256 of every file, which ``find_model_dir`` checks before it
 hands a checkpoint to anyone (sampling from a damaged checkpoint would be silently wrong).
+``build_gpt`` builds a GPT around weights read from elsewhere (gptforge/gpt/pretrained.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import safetensors.torch
 import torch
 
 from gptforge.gpt.config import GPTConfig
-from gptforge.gpt.model import build_model, unwrap
+from gptforge.gpt.model import GPT, build_model, unwrap
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
@@ -116,3 +117,25 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     model = build_model(GPTConfig.from_dict(info["config"]))
     safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
     return model.to(device), info
+
+
+def build_gpt(config: GPTConfig, state_dict: dict[str, torch.Tensor], source: Path) -> GPT:
+    """A GPT of ``config`` holding ``state_dict`` (our names, lm_head left out): built on the
+    meta device (no random init of a model about to be overwritten), weights then assigned."""
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = {k: p.shape for k, p in model.state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        shapes = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(expected[k])}" for k in wrong[:5]]
+        raise ValueError(
+            f"{source}: the weights do not fit a GPT of {config}; missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shapes {shapes}"
+        )
+    tensors = {k: v.to(torch.float32).contiguous() for k, v in state_dict.items()}  # fp32 master weights
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"]
+    model.load_state_dict(tensors, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # tie again: assign replaced the Parameter objects
+    return model

@@ -41,14 +41,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gptforge.gpt.tokenizer import (
-    EOT_TEXT,
-    SPM_NEWLINE_SYMBOLS,
-    BPETokenizer,
-    SentencePieceTokenizer,
-    _import_library,
-    tokenizer_from_meta,
-)
+from gptforge.gpt.tokenizer import tokenizer_from_meta
+from gptforge.gpt.tokenizer_base import EOT_TEXT
+from gptforge.gpt.trained_tokenizers import SPM_NEWLINE_SYMBOLS, BPETokenizer, SentencePieceTokenizer, import_library
 
 KINDS = ("sentencepiece", "bpe")
 SPM_MODEL_TYPES = ("bpe", "unigram")
@@ -182,7 +177,7 @@ def _sample(items: Iterable[str], size: int, seed: int = SPM_SEED) -> list[str]:
 
 
 def _train_sentencepiece(corpus: _Corpus, vocab_size: int, model_type: str, sample_size: int) -> SentencePieceTokenizer:
-    spm = _import_library("sentencepiece", "sentencepiece")
+    spm = import_library("sentencepiece", "sentencepiece")
     sentences = _sample(_chunks(corpus), sample_size)  # SentencePiece holds its input in memory anyway
     model = io.BytesIO()
     try:
@@ -233,7 +228,7 @@ def _spm_error(err: RuntimeError, vocab_size: int) -> Exception:
 
 
 def _train_bpe(corpus: _Corpus, vocab_size: int) -> BPETokenizer:
-    tk = _import_library("tokenizers", "bpe")
+    tk = import_library("tokenizers", "bpe")
     tok = tk.Tokenizer(tk.models.BPE())
     # GPT-2's scheme: cut the text by its pattern (words, numbers, punctuation, spaces), then
     # merge bytes within each piece; no normalizer, so decode gives back the exact text

@@ -4,6 +4,7 @@
         model.safetensors  model.json   the model (gptforge/gpt/io.py), loadable on its own for sampling
         state.pt                        optimizer, grad scaler, torch/CUDA RNG states (of every rank)
         deepspeed/                      DeepSpeed's own checkpoint (--strategy=deepspeed): shards per rank
+        dcp/                            --strategy=fsdp's Distributed Checkpoint shards (DCP_DIR): every rank's
         trainer.json                    step, config, numpy/python RNG states, best val loss
         manifest.json                   written last: step, sha256 of every file
 
@@ -31,6 +32,7 @@ from gptforge.gpt.io import sha256_of as _sha256
 from gptforge.gpt.io import verify as verify  # the manifest's check lives in gptforge/gpt/io.py: sampling verifies too
 
 PREFIX = "step_"
+DCP_DIR = "dcp"  # an fsdp checkpoint's shards (Distributed Checkpoint), inside the checkpoint's directory
 
 
 class CheckpointError(RuntimeError):

@@ -31,9 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     get_state_dict,
-    set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -41,11 +39,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from gptforge.train import checkpoint
+from gptforge.train.checkpoint import DCP_DIR
 from gptforge.train.config import ConfigError, TrainConfig
+from gptforge.train.dcp_shards import first_cause
 from gptforge.train.device import pick_device
 from gptforge.train.distributed import TorchGroup
 from gptforge.train.optim import build_optimizer
-from gptforge.train.strategy import DCP_DIR, Strategy, local_shard
+from gptforge.train.strategy import Strategy, local_shard
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # the collectives FSDP2 needs, per device
 
@@ -174,24 +174,3 @@ class RankAgreedGradScaler(torch.amp.GradScaler):
         if self.is_enabled():
             for found_inf in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
                 dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-
-
-def load_optimizer_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Load the optimizer state of an fsdp checkpoint's ``directory/dcp`` into a plain (unsharded)
-    model's optimizer: each rank reads every shard (``single`` and ``ddp`` resuming an fsdp run)."""
-    try:
-        state = get_optimizer_state_dict(model, optimizer)
-        dcp.load(dict(optimizer=state), checkpoint_id=directory / DCP_DIR)
-        set_optimizer_state_dict(model, optimizer, state)
-    except (CheckpointException, RuntimeError, ValueError, KeyError) as err:
-        raise checkpoint.CheckpointError(f"its optimizer state cannot be loaded from {DCP_DIR}/ "
-                                         f"({first_cause(err)})") from None
-
-
-def first_cause(err: BaseException) -> str:
-    """One line for an error; for DCP's CheckpointException (every rank's failure with its
-    traceback), the first rank's exception."""
-    if isinstance(err, CheckpointException) and err.failures:
-        rank, (cause, _) = next(iter(err.failures.items()))
-        return f"rank {rank}: {type(cause).__name__}: {cause}"
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

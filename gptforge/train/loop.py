@@ -3,7 +3,8 @@ precision, periodic evaluation, checkpoints, metrics, a loss plot and samples at
 
 Every rank of a distributed run executes this same loop; how the model, optimizer and
 gradients are spread over ranks is the strategy's business (gptforge/train/strategy.py). Metrics are
-averaged over ranks, and only rank 0 logs and writes files."""
+averaged over ranks, and only rank 0 logs and writes files. The evaluation and the samples are
+gptforge/train/evaluation.py's; loading the checkpoint a run resumes, gptforge/train/resume.py's."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from tqdm import tqdm
 
 from gptforge import kernels
 from gptforge.data import DataError, check_token_ids, ensure_prepared, load_meta, load_tokens
-from gptforge.gpt.generate import generate
 from gptforge.gpt.model import build_model
-from gptforge.gpt.tokenizer import TokenizerUnavailableError, start_tokens, tokenizer_from_meta
+from gptforge.gpt.tokenizer import TokenizerUnavailableError, tokenizer_from_meta
 from gptforge.train import checkpoint
 from gptforge.train.config import ConfigError, TrainConfig
 from gptforge.train.device import check_backends, peak_flops, seed_everything
+from gptforge.train.evaluation import evaluate, write_samples
 from gptforge.train.faults import (
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
@@ -34,9 +35,10 @@ from gptforge.train.faults import (
     TrainingStopped,
 )
 from gptforge.train.metrics import Metrics, log_line
-from gptforge.train.resume import check_resumable, checkpoint_to_resume, resume_config
+from gptforge.train.resume import resume_checkpoint, resume_config
 from gptforge.train.sampler import BatchSampler, make_samplers
-from gptforge.train.strategy import Strategy, make_strategy
+from gptforge.train.strategies import make_strategy
+from gptforge.train.strategy import Strategy
 
 # errors whose message is for the user; a rank that hits one tells the others (see Trainer._together)
 USER_ERRORS = (ConfigError, kernels.BackendError, DataError, checkpoint.CheckpointError, TokenizerUnavailableError,
@@ -158,31 +160,14 @@ class Trainer:
         return model
 
     def _resume(self) -> bool:
-        """Load the checkpoint this run continues from, if any; whether there was one. A
-        checkpoint that passed its manifest but cannot be loaded makes every rank fall back
-        alike to the one before it."""
-        directory, unusable = checkpoint_to_resume(self.cfg, self.group, self.log), []
-        while directory is not None:
-            try:
-                check_resumable(self.cfg, self.model.config, directory)
-                state = self.strategy.load(directory)
-                error = None
-            except checkpoint.CheckpointError as err:
-                error = str(err)
-            errors = [e for e in self.group.gather_objects(error) if e is not None]
-            if not errors:
-                self.step = self.saved_step = state["step"]
-                self.best_val = state.get("best_val", float("inf"))
-                self.skipped_steps = state.get("skipped_steps", 0)
-                self.log(f"resumed from {directory} at step {self.step}")
-                return True
-            unusable.append(f"checkpoint {directory} is unusable ({errors[0]})")
-            self.log(f"{unusable[-1]}; trying the previous one")
-            directory = checkpoint_to_resume(self.cfg, self.group, self.log, before=directory, problems=unusable)
-        if checkpoint.list_checkpoints(self.out_dir) and not self.cfg.overwrite:
-            raise ConfigError(f"{self.out_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
-                              "--overwrite to start afresh and replace them, or choose another --out_dir")
-        return False
+        """Load the checkpoint this run continues from, if any (``resume_checkpoint``); whether
+        there was one."""
+        state = resume_checkpoint(self.cfg, self.strategy, self.log)
+        if state is not None:
+            self.step = self.saved_step = state["step"]
+            self.best_val = state.get("best_val", float("inf"))
+            self.skipped_steps = state.get("skipped_steps", 0)
+        return state is not None
 
     # --- one step ---
 
@@ -284,34 +269,13 @@ class Trainer:
 
     # --- evaluation, checkpoints, stopping ---
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float] | None:
-        """Mean loss over eval_iters fixed batches, shared out over the ranks: batch i goes to
-        rank i % world_size. Every rank runs the same number of forwards (ZeRO-3 gathers
-        weights collectively), padding with a repeated batch that is not counted. None when a
-        stop signal came meanwhile: it is checked between batches, so a long evaluation does
-        not hold up a preemption."""
-        group, n = self.group, self.cfg.eval_iters
-        self.model.eval()
-        losses = {}
-        for split, sampler in self.eval_samplers.items():
-            total = torch.zeros((), device=self.device, dtype=torch.float64)
-            for first in range(0, n, group.world_size):
-                self._vote()  # a stop signal meanwhile?
-                if self.stop_signal:
-                    self.model.train()
-                    return None
-                i = first + group.rank
-                x, y = self._batch(sampler, i % n, 0)
-                loss = self.strategy.eval_loss(x, y)
-                if i < n:
-                    total += loss.double()
-            losses[split] = group.all_reduce_sum(total).item() / n
-        self.model.train()
-        return losses
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (the same answer on every rank)."""
+        self._vote()
+        return bool(self.stop_signal)
 
     def _eval_and_record(self) -> None:
-        losses = self.evaluate()
+        losses = evaluate(self.strategy, self.eval_samplers, self.cfg.eval_iters, self._batch, self._stop_requested)
         if losses is None:  # stopped by a signal: the caller checkpoints and leaves
             return
         self.best_val = min(self.best_val, losses["val"])
@@ -417,7 +381,9 @@ class Trainer:
             if self.metrics.last_eval():
                 self.metrics.plot()
             if cfg.num_samples and cfg.sample_tokens:
-                result["samples"] = self.write_samples()
+                out_file = self.out_dir / "samples.txt" if group.is_main else None
+                result["samples"] = write_samples(self.strategy, self.tokenizer, cfg.num_samples, cfg.sample_tokens,
+                                                  cfg.seed, out_file, self.log)
         return result
 
     def _log_row(self, loss: torch.Tensor, since: float, since_step: int) -> dict:
@@ -436,23 +402,6 @@ class Trainer:
     def _evaluated_at(self, step: int) -> bool:
         """Whether ``step`` was evaluated (rank 0 reads metrics.jsonl, every rank hears)."""
         return bool(self.group.broadcast_object(self.metrics.evaluated_at(step)))
-
-    def write_samples(self) -> list[str]:
-        """Sample from the trained model, print the samples and save them to samples.txt. Every
-        rank samples the same (ZeRO-3 needs all ranks for a forward); rank 0 writes."""
-        generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
-        idx = torch.tensor([start_tokens(self.tokenizer)] * self.cfg.num_samples, device=self.device)
-        with self.strategy.autocast(), self.strategy.eager():
-            out = generate(self.model, idx, self.cfg.sample_tokens, temperature=0.8, top_k=200, generator=generator)
-        samples = [self.tokenizer.decode(row.tolist()) for row in out]
-        text = "\n\n---------------\n\n".join(s.strip("\n") for s in samples) + "\n"
-        if self.group.is_main:
-            try:
-                (self.out_dir / "samples.txt").write_text(text)
-            except OSError as err:
-                self.log(f"could not write {self.out_dir / 'samples.txt'} ({err.strerror or err})")
-        self.log("samples:\n" + text)
-        return samples
 
 
 def train(cfg: TrainConfig, log=tqdm.write) -> dict:

@@ -15,6 +15,9 @@ compared with the saved value:
 
 "Set explicitly" is exact on the command line (``load_config`` records the keys). For a
 TrainConfig built in Python, the keys whose value differs from the default count as set.
+
+``resume_checkpoint`` then loads the checkpoint into the run's strategy, falling back to an
+older one (on every rank alike) when one cannot be loaded.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from gptforge.gpt.io import read_info
 from gptforge.train import checkpoint
 from gptforge.train.config import ConfigError, TrainConfig
 from gptforge.train.distributed import ProcessGroup
+from gptforge.train.strategy import Strategy
 
 # key -> what changing it would change
 FIXED_ON_RESUME = {
@@ -177,3 +181,31 @@ def check_resumable(cfg: TrainConfig, model_config: GPTConfig, directory: Path) 
         raise ConfigError(f"checkpoint {directory} holds a model of shape {saved.to_dict()}, "
                           f"but this run asks for {model_config.to_dict()}")
     check_same_run(cfg, directory, json.loads((directory / "trainer.json").read_text())["config"])
+
+
+def resume_checkpoint(cfg: TrainConfig, strategy: Strategy, log: Callable[[str], None]) -> dict | None:
+    """Load the checkpoint this run continues from into ``strategy`` (set up already), if any;
+    its trainer state (trainer.json), or None for a fresh start. A checkpoint that passed its
+    manifest but cannot be loaded makes every rank fall back alike to the one before it. A
+    ConfigError if out_dir holds an earlier run's checkpoints and this run neither resumes nor
+    overwrites them."""
+    group, out_dir = strategy.group, Path(cfg.out_dir)
+    directory, unusable = checkpoint_to_resume(cfg, group, log), []
+    while directory is not None:
+        try:
+            check_resumable(cfg, strategy.model.config, directory)
+            state = strategy.load(directory)
+            error = None
+        except checkpoint.CheckpointError as err:
+            error = str(err)
+        errors = [e for e in group.gather_objects(error) if e is not None]
+        if not errors:
+            log(f"resumed from {directory} at step {state['step']}")
+            return state
+        unusable.append(f"checkpoint {directory} is unusable ({errors[0]})")
+        log(f"{unusable[-1]}; trying the previous one")
+        directory = checkpoint_to_resume(cfg, group, log, before=directory, problems=unusable)
+    if checkpoint.list_checkpoints(out_dir) and not cfg.overwrite:
+        raise ConfigError(f"{out_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
+                          "--overwrite to start afresh and replace them, or choose another --out_dir")
+    return None

@@ -13,6 +13,7 @@ The training loop (gptforge/train/loop.py) runs one step the same way whatever t
 
 Each method means the same in every strategy. ``save``/``load`` checkpoint; ``group`` (see
 gptforge/train/distributed.py) is this rank's place among the others. Only rank 0 writes files.
+``make_strategy`` (gptforge/train/strategies.py) builds the one ``--strategy`` names.
 Checkpoints of a multi-node run must go to a filesystem all nodes share.
 
 ``gradient_accumulation_steps`` is the total over all ranks, so one command trains on the same
@@ -37,8 +38,6 @@ from gptforge.train.deepspeed_config import deepspeed_config, read_user_config
 from gptforge.train.device import DTYPES, autocast, pick_device, pick_dtype
 from gptforge.train.distributed import ProcessGroup, TorchGroup, per_rank_accum
 from gptforge.train.optim import Optimizers, build_optimizer
-
-DCP_DIR = "dcp"  # an fsdp checkpoint's shards (Distributed Checkpoint), inside the checkpoint's directory
 
 
 class Strategy:
@@ -185,13 +184,13 @@ class Strategy:
     def load(self, directory: Path) -> dict:
         """Restore model, optimizer, scaler and this rank's RNG; returns trainer.json."""
         resumed = checkpoint.load_checkpoint(directory, self.device)
-        sharded = (directory / DCP_DIR).is_dir()  # an fsdp checkpoint: the optimizer state is in its shards
+        sharded = (directory / checkpoint.DCP_DIR).is_dir()  # an fsdp checkpoint: the optimizer state is in its shards
         if resumed.tensors["optimizer"] is None and not sharded:
             raise ConfigError(f"checkpoint {directory} was written by DeepSpeed (its optimizer state is in "
                               "deepspeed/); resume it with --strategy=deepspeed")
         self.model.load_state_dict(resumed.model.state_dict())
         if sharded:
-            from gptforge.train.fsdp import load_optimizer_shards  # torch.distributed.checkpoint: only when needed
+            from gptforge.train.dcp_shards import load_optimizer_shards  # torch.distributed.checkpoint: when needed
 
             load_optimizer_shards(self.model, self.optimizer, directory)
         else:
@@ -382,21 +381,3 @@ class DeepSpeedStrategy(Strategy):
             raise checkpoint.CheckpointError(f"DeepSpeed could not load its checkpoint from {directory / 'deepspeed'}")
         self._restore_rng(tensors, trainer)
         return trainer
-
-
-def make_strategy(cfg: TrainConfig) -> Strategy:
-    """The strategy ``cfg.strategy`` names; ``auto``: ddp when launched with several ranks."""
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    name = cfg.strategy
-    if name == "auto":
-        name = "ddp" if ranks > 1 else "single"
-    if name == "single":
-        if ranks > 1:
-            raise ConfigError(f"--strategy=single, but the launcher started {ranks} ranks; use ddp, fsdp or "
-                              "deepspeed")
-        return Strategy(cfg)
-    if name == "fsdp":
-        from gptforge.train.fsdp import FSDPStrategy  # torch.distributed's FSDP and checkpoint modules: only when used
-
-        return FSDPStrategy(cfg)
-    return DDPStrategy(cfg) if name == "ddp" else DeepSpeedStrategy(cfg)

@@ -87,7 +87,8 @@ def run_ours(work: Path, shape: dict, steps: int, compile: bool, dtype: str, env
     out_dir = work / "ours"
     settings = dict(dataset="shakespeare_char", device="cpu", dtype=dtype, compile=compile, **NANOGPT_CONFIG,
                     **shape, max_iters=steps, data_dir=work / "data", out_dir=out_dir)
-    cmd = [sys.executable, "-m", "gptforge.train", *flags(settings), "--overwrite", "--progress=false", "--num_samples=0",
+    cmd = [sys.executable, "-m", "gptforge.train", *flags(settings), "--overwrite", "--progress=false",
+           "--num_samples=0",
            *extra]
     run(cmd, ROOT, env)
     tokens = shape["batch_size"] * shape["block_size"]

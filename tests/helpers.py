@@ -60,7 +60,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def torchrun_cmd(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra, "-m", "gptforge.train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra,
+            "-m", "gptforge.train"]
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -97,3 +98,9 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float = 120) -> str
             return "".join(seen)
         assert time.monotonic() < deadline, "".join(seen)[-3000:]
     raise AssertionError(f"{marker!r} never appeared:\n" + "".join(seen)[-3000:])
+
+
+def files_naming_our_modules(folder: Path) -> list[str]:
+    """The files under ``folder`` whose bytes name one of our modules (``gptforge.``), as a pickled
+    class would. Such a file stops loading the day a module moves, so a run writes none."""
+    return [str(p) for p in sorted(Path(folder).rglob("*")) if p.is_file() and b"gptforge." in p.read_bytes()]

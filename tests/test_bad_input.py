@@ -245,7 +245,7 @@ def test_a_dataset_is_never_replaced_by_another_text(tmp_path):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
     first.write_text("the first text, changed. " * 50)  # the same file, edited: prepared again on request
     prepare("corpus", tmp_path / "data", input_path=first)
-    from gptforge.data import main as data_main
+    from gptforge.data.cli import main as data_main
 
     assert data_main(["prepare", "--dataset", "shakespeare", "--input", str(second),
                       "--data_dir", str(tmp_path / "data")]) == 1  # fmt: skip

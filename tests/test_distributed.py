@@ -166,7 +166,7 @@ SAMPLER_PROBE = """
 import json, sys
 from gptforge.train.config import load_config, parse_args
 from gptforge.train.loop import Trainer
-from gptforge.train.strategy import make_strategy
+from gptforge.train.strategies import make_strategy
 
 cfg = load_config(*parse_args(sys.argv[2:]))
 strategy = make_strategy(cfg)
@@ -279,3 +279,13 @@ def test_deepspeed_launcher_local_rank_flag_is_dropped():
 
     assert drop_local_rank(["--local_rank=1", "--n_layer=2", "--local_rank", "0", "--dtype=fp32"]) == [
         "--n_layer=2", "--dtype=fp32"]
+
+
+@pytest.mark.distributed
+def test_nothing_a_run_writes_names_a_module_path(data_dir, single_run, ddp_run, deepspeed_run):
+    """Checkpoints, metrics and data hold plain data: no pickled class of ours, so moving a module
+    (as the rename to gptforge did) never strands a checkpoint."""
+    require_deepspeed()
+    for folder in (data_dir, single_run, ddp_run[0], deepspeed_run(3)):
+        assert any(folder.rglob("*")), folder
+        assert helpers.files_naming_our_modules(folder) == []

@@ -22,7 +22,7 @@ import torch
 
 from gptforge.train.config import ConfigError, TrainConfig
 from gptforge.train.loop import Trainer, train
-from gptforge.train.strategy import make_strategy
+from gptforge.train.strategies import make_strategy
 from tests import helpers
 from tests.helpers import REPO, TINY, logs_and_evals, torchrun_cmd
 from tests.test_distributed import assert_same_losses
@@ -192,7 +192,7 @@ import sys, torch, torch.distributed as dist
 from gptforge.train.config import load_config, parse_args
 from gptforge.train.fsdp import RankAgreedGradScaler
 from gptforge.train.loop import Trainer
-from gptforge.train.strategy import make_strategy
+from gptforge.train.strategies import make_strategy
 
 cfg = load_config(*parse_args(sys.argv[1:]))
 strategy = make_strategy(cfg)  # joins the group
@@ -274,3 +274,9 @@ def test_fsdp_refuses_to_resume_a_checkpoint_of_another_shape(data_dir, tmp_path
                                                                 n_embd=64)])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "changes n_embd 32 -> 64 (the model's shape)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_fsdp_checkpoints_name_no_module_path(fsdp_run):
+    assert list(fsdp_run[0].glob("checkpoints/*/*"))
+    assert helpers.files_naming_our_modules(fsdp_run[0]) == []

@@ -139,7 +139,8 @@ def test_memoised_resolution_follows_use_backend():
     def module() -> str:
         return resolve("attention", "attention", None, args, kwargs).__module__
 
-    assert module() == "gptforge.kernels.sdpa" and module() == "gptforge.kernels.sdpa"  # auto on the CPU, then from the memo
+    # auto on the CPU, then from the memo
+    assert module() == "gptforge.kernels.sdpa" and module() == "gptforge.kernels.sdpa"
     with use_backend(attention="torch"):
         assert module() == "gptforge.kernels.reference"
         with use_backend(attention="sdpa"):

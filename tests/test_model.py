@@ -169,7 +169,8 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 COMPILE_SCRIPT = """
-import torch, kernels
+import torch
+from gptforge import kernels
 from gptforge.gpt.config import GPTConfig
 from gptforge.gpt.model import GPT
 torch.manual_seed(0)

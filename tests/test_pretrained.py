@@ -13,8 +13,10 @@ import safetensors.torch
 import torch
 
 from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.hf_export import export_hf
 from gptforge.gpt.model import GPT
-from gptforge.gpt.pretrained import export_hf, load_nanogpt, load_pretrained
+from gptforge.gpt.nanogpt_import import load_nanogpt
+from gptforge.gpt.pretrained import load_pretrained
 from gptforge.gpt.pretrained import main as pretrained_main
 from gptforge.gpt.sample import main as sample_main
 from gptforge.train import checkpoint

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.hf_export import export_hf
 from gptforge.gpt.model import GPT, BigramLanguageModel, KVCache, Rotary, rotate
-from gptforge.gpt.pretrained import export_hf, load_nanogpt
+from gptforge.gpt.nanogpt_import import load_nanogpt
 from gptforge.train import device as train_device
 from gptforge.train.config import ConfigError, TrainConfig
 from gptforge.train.loop import Trainer, train

@@ -17,19 +17,13 @@ import pytest
 import torch
 
 from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.hf_export import export_hf
 from gptforge.gpt.model import GPT
-from gptforge.gpt.pretrained import export_hf, load_pretrained
-from gptforge.gpt.tokenizer import (
-    EOT_TEXT,
-    BPETokenizer,
-    CharTokenizer,
-    SentencePieceTokenizer,
-    describe_tokenizer,
-    same_tokenizer,
-    start_tokens,
-    tokenizer_from_meta,
-)
+from gptforge.gpt.pretrained import load_pretrained
+from gptforge.gpt.tokenizer import CharTokenizer, describe_tokenizer, same_tokenizer, start_tokens, tokenizer_from_meta
+from gptforge.gpt.tokenizer_base import EOT_TEXT
 from gptforge.gpt.tokenizer_training import META_FILE, SPM_MIN_VOCAB, load_tokenizer_dir, train_tokenizer
+from gptforge.gpt.trained_tokenizers import BPETokenizer, SentencePieceTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("sentencepiece", reason="sentencepiece is not installed")

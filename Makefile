@@ -8,7 +8,7 @@ CONFIG ?= gptforge/train/configs/shakespeare_char_cpu.toml
 OUT ?= out/shakespeare_char_cpu
 ARGS ?=
 
-.PHONY: install train speedrun sample test bench gpu-suite gpu-rehearse lint clean
+.PHONY: install train speedrun sample test test-all bench gpu-suite gpu-rehearse lint clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,17 @@ speedrun: install
 sample: install
 	$(PY) -m gptforge.gpt.sample --out_dir=$(OUT) $(ARGS)
 
+# Tests run in parallel, one worker per core (pytest-xdist); a test module stays on one worker, so
+# its module-scoped fixtures (a prepared dataset, reference runs, the AOT compile) are built once.
+TEST_WORKERS ?= auto
+TEST_FLAGS := -q -n $(TEST_WORKERS) --dist loadscope --durations=15
+
 test: install
-	$(PY) -m pytest -q --durations=15 $(ARGS)
+	$(PY) -m pytest $(TEST_FLAGS) $(ARGS)
+
+# Everything, the slow parity grids and the AOT compile of every autotune configuration included.
+test-all: install
+	$(PY) -m pytest $(TEST_FLAGS) -m "slow or not slow" $(ARGS)
 
 bench: install
 	mkdir -p .benchmarks

@@ -22,6 +22,10 @@ SHARED_DATA = Path(os.environ.get("GPT_SHARED_DATA", REPO.parent / "shared" / "d
 if (SHARED_DATA / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (make test): a second torch thread per worker would only wait for a core.
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def shakespeare_path() -> Path:

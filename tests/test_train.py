@@ -145,6 +145,16 @@ def test_config_layers_and_overrides(tmp_path):
     assert (cfg.n_layer, cfg.learning_rate, cfg.dataset, cfg.compile, cfg.dropout) == (5, 1.0, "x", True, 0.1)
 
 
+def test_a_preset_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repo: the presets come with the package
+    by_path = load_config(REPO / "gptforge" / "train" / "configs" / "speedrun_cpu.toml")
+    assert load_config("speedrun_cpu") == by_path == load_config("speedrun_cpu.toml")
+    (tmp_path / "speedrun_cpu.toml").write_text("max_iters = 3\n")  # a file of that name wins
+    assert load_config("speedrun_cpu.toml").max_iters == 3
+    with pytest.raises(ConfigError, match="not found .the presets, by name: .*speedrun_cpu"):
+        load_config("no_such_preset")
+
+
 def test_cli_help_lists_every_key():
     proc = subprocess.run([sys.executable, "-m", "gptforge.train", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)

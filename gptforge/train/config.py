@@ -239,13 +239,27 @@ def _check_known(keys: typing.Iterable[str], where: str) -> None:
             raise ConfigError(f"unknown config key {key!r} in {where}{hint}")
 
 
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"  # installed with the package
+
+
+def find_config(path: str | Path) -> Path:
+    """A TOML file's path, or the name of a preset shipped in gptforge/train/configs/
+    (``shakespeare_char_cpu`` or ``shakespeare_char_cpu.toml``), so presets work from any folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if path.parent == Path(".") and preset.is_file():
+        return preset
+    names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.toml")))
+    raise ConfigError(f"config file {path} not found (the presets, by name: {names})")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> TrainConfig:
     """Defaults, then the TOML file at ``path``, then string overrides (from the command line)."""
     values: dict[str, object] = {}
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
+        path = find_config(path)
         try:
             table = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:

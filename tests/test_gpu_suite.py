@@ -28,6 +28,7 @@ from benchmarks.suite import results
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "gpu_suite.py"
+REHEARSAL_BUDGET_S = 200
 # What the GPU machine's image lacks (it has torch, triton, pytest and pytest-benchmark).
 MISSING_ON_GPU_IMAGE = ("deepspeed", "flash_attn", "transformers", "matplotlib")
 SIMULATED_IMAGE = f"""
@@ -74,12 +75,15 @@ def _alive(pid: int) -> bool:
 def test_rehearsal_in_the_simulated_gpu_image(tmp_path, gpu_image_env):
     out = tmp_path / "out"
     start = time.monotonic()
-    done = subprocess.run([sys.executable, str(SUITE), "--rehearse", "--budget", "120", "--out", str(out)],
-                          env=gpu_image_env, capture_output=True, text=True, timeout=170)  # fmt: skip
+    # 200 s: it needs about 75 s alone, and make test runs it beside another test worker on the
+    # same cores; the stages end when done, so a larger budget costs time only where needed.
+    done = subprocess.run([sys.executable, str(SUITE), "--rehearse", "--budget", str(REHEARSAL_BUDGET_S),
+                           "--out", str(out)], env=gpu_image_env, capture_output=True, text=True,
+                          timeout=REHEARSAL_BUDGET_S + 50)  # fmt: skip
     elapsed = time.monotonic() - start
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
-    assert elapsed < 130, f"the 120 s budget was overrun: {elapsed:.0f} s"
+    assert elapsed < REHEARSAL_BUDGET_S + 10, f"the {REHEARSAL_BUDGET_S} s budget was overrun: {elapsed:.0f} s"
 
     records = _records(out)
     stages = {r["stage"]: r for r in records if r["kind"] == "stage"}

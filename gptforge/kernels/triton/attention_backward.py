@@ -91,8 +91,11 @@ def _attn_bwd_dkdv_inner(
         else:
             qt_ptrs = Q_src + rows[None, :] * stride_qt + offs_d[:, None] * stride_qd  # Q^T: (D, BLOCK_M)
             do_ptrs = DO_src + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod
-            qt = tl.load(qt_ptrs, mask=rows[None, :] < T_Q, other=0.0) if BOUNDED else tl.load(qt_ptrs)
-            do = tl.load(do_ptrs, mask=rows[:, None] < T_Q, other=0.0) if BOUNDED else tl.load(do_ptrs)
+            if BOUNDED:
+                qt = tl.load(qt_ptrs, mask=rows[None, :] < T_Q, other=0.0)
+                do = tl.load(do_ptrs, mask=rows[:, None] < T_Q, other=0.0)
+            else:
+                qt, do = tl.load(qt_ptrs), tl.load(do_ptrs)
         if UPCAST:
             qt, do = qt.to(tl.float32), do.to(tl.float32)
         if BOUNDED:
@@ -179,6 +182,38 @@ def _prescale(resident, qk_scale, dtype: tl.constexpr, UPCAST: tl.constexpr):
     return scaled
 
 
+@triton.jit
+def _operands(
+    A, B, C, D, b, h, start, rows, T, T_OTHER, qk_scale,
+    stride_ab, stride_ah, stride_at, stride_ad, stride_bb, stride_bh, stride_bt, stride_bd,
+    stride_cb, stride_ch, stride_ct, stride_db, stride_dh, stride_dt,
+    BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PRESCALED: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """A backward program's operands in head (b, h): the tiles of A and B it keeps for its whole
+    loop, rows ``rows`` (from ``start``; past T as 0; fp32 with UPCAST; A times the softmax
+    scale with PRESCALED), and the sources of C and D, whose (T_OTHER, HEAD_DIM) rows it
+    streams: tensor descriptors in tiles of OTHER_BLOCK rows with TMA, else pointers to the head.
+    The sources are formed after the loads: formed before them, the dQ program took a quarter
+    more registers on sm_90 (python -m gptforge.kernels.aot)."""
+    if TMA:
+        a_tile = _rows_desc(A + b * stride_ab + h * stride_ah, T, stride_at, BLOCK, HEAD_DIM).load([start, 0])
+        b_tile = _rows_desc(B + b * stride_bb + h * stride_bh, T, stride_bt, BLOCK, HEAD_DIM).load([start, 0])
+        if UPCAST:
+            a_tile, b_tile = a_tile.to(tl.float32), b_tile.to(tl.float32)
+        C_src = _rows_desc(C + b * stride_cb + h * stride_ch, T_OTHER, stride_ct, OTHER_BLOCK, HEAD_DIM)
+        D_src = _rows_desc(D + b * stride_db + h * stride_dh, T_OTHER, stride_dt, OTHER_BLOCK, HEAD_DIM)
+    else:
+        a_ptrs, inside = _rows_ptrs(A + b * stride_ab + h * stride_ah, rows, stride_at, stride_ad, T, HEAD_DIM)
+        b_ptrs, _ = _rows_ptrs(B + b * stride_bb + h * stride_bh, rows, stride_bt, stride_bd, T, HEAD_DIM)
+        a_tile, b_tile = _load_two(a_ptrs, b_ptrs, inside, UPCAST)
+        C_src = C + b * stride_cb + h * stride_ch
+        D_src = D + b * stride_db + h * stride_dh
+    if PRESCALED:
+        a_tile = _prescale(a_tile, qk_scale, A.dtype.element_ty, UPCAST)
+    return a_tile, b_tile, C_src, D_src
+
+
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _attn_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, seed,
@@ -198,27 +233,15 @@ def _attn_bwd_kernel(
     # Grid: (key blocks with KEY_BLOCKS, else query blocks; batch * heads), swapped with
     # LONGEST_FIRST. KEY_BLOCKS is a constexpr: each launch compiles only its own branch, and
     # never touches the other's outputs. Each branch forms its per-head pointers after its
-    # first loads: formed before them (shared), the dQ branch took a quarter more registers on
-    # sm_90 (python -m gptforge.kernels.aot).
+    # first loads (_operands). Causal: early keys are seen most, late queries see most keys, so
+    # LONGEST_FIRST launches dQ's blocks in reverse (_program_block).
+    block, bh, b, h = _program_block(H, LONGEST_FIRST, not KEY_BLOCKS)
     if KEY_BLOCKS:  # this program's BLOCK_N keys: dK and dV, looping over the queries that see them
-        block, bh, b, h = _program_block(H, LONGEST_FIRST, False)  # causal: early keys are seen most
         start_n = block * BLOCK_N
         cols = start_n + tl.arange(0, BLOCK_N)
-        if TMA:
-            k = _rows_desc(K + b * stride_kb + h * stride_kh, T_K, stride_kt, BLOCK_N, HEAD_DIM).load([start_n, 0])
-            v = _rows_desc(V + b * stride_vb + h * stride_vh, T_K, stride_vt, BLOCK_N, HEAD_DIM).load([start_n, 0])
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            Q_src = _rows_desc(Q + b * stride_qb + h * stride_qh, T_Q, stride_qt, BLOCK_M, HEAD_DIM)
-            DO_src = _rows_desc(DO + b * stride_dob + h * stride_doh, T_Q, stride_dot, BLOCK_M, HEAD_DIM)
-        else:
-            k_ptrs, inside = _rows_ptrs(K + b * stride_kb + h * stride_kh, cols, stride_kt, stride_kd, T_K, HEAD_DIM)
-            v_ptrs, _ = _rows_ptrs(V + b * stride_vb + h * stride_vh, cols, stride_vt, stride_vd, T_K, HEAD_DIM)
-            k, v = _load_two(k_ptrs, v_ptrs, inside, UPCAST)
-            Q_src = Q + b * stride_qb + h * stride_qh
-            DO_src = DO + b * stride_dob + h * stride_doh
-        if PRESCALED:
-            k = _prescale(k, qk_scale, K.dtype.element_ty, UPCAST)
+        k, v, Q_src, DO_src = _operands(K, V, Q, DO, b, h, start_n, cols, T_K, T_Q, qk_scale, stride_kb, stride_kh,
+            stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd, stride_qb, stride_qh, stride_qt,
+            stride_dob, stride_doh, stride_dot, BLOCK_N, BLOCK_M, HEAD_DIM, PRESCALED, UPCAST, TMA)  # fmt: skip
         LSE_row = LSE + bh.to(tl.int64) * T_Q
         DELTA_row = DELTA + bh.to(tl.int64) * T_Q
         rng_base, rng_row = _rng_counters(bh, T_Q, T_K, PHILOX_32)  # dropout: the forward's Philox counters
@@ -248,31 +271,14 @@ def _attn_bwd_kernel(
         dk = dk * sm_scale  # S = scale * Q K^T, so dK = scale * dS^T Q
         DK_head = DK + b * stride_dkb + h * stride_dkh
         DV_head = DV + b * stride_dvb + h * stride_dvh
-        if TMA:
-            _rows_desc(DK_head, T_K, stride_dkt, BLOCK_N, HEAD_DIM).store([start_n, 0], dk.to(DK.dtype.element_ty))
-            _rows_desc(DV_head, T_K, stride_dvt, BLOCK_N, HEAD_DIM).store([start_n, 0], dv.to(DV.dtype.element_ty))
-        else:
-            _store_rows(DK_head, cols, stride_dkt, stride_dkd, T_K, dk, HEAD_DIM)
-            _store_rows(DV_head, cols, stride_dvt, stride_dvd, T_K, dv, HEAD_DIM)
+        _store_rows(DK_head, start_n, cols, stride_dkt, stride_dkd, T_K, dk, BLOCK_N, HEAD_DIM, TMA)
+        _store_rows(DV_head, start_n, cols, stride_dvt, stride_dvd, T_K, dv, BLOCK_N, HEAD_DIM, TMA)
     else:  # this program's BLOCK_M queries: dQ, looping over the keys they see
-        block, bh, b, h = _program_block(H, LONGEST_FIRST, True)  # causal: late queries see most keys
         start_m = block * BLOCK_M
         rows = start_m + tl.arange(0, BLOCK_M)
-        if TMA:
-            q = _rows_desc(Q + b * stride_qb + h * stride_qh, T_Q, stride_qt, BLOCK_M, HEAD_DIM).load([start_m, 0])
-            do = _rows_desc(DO + b * stride_dob + h * stride_doh, T_Q, stride_dot, BLOCK_M, HEAD_DIM).load([start_m, 0])
-            if UPCAST:
-                q, do = q.to(tl.float32), do.to(tl.float32)
-            K_src = _rows_desc(K + b * stride_kb + h * stride_kh, T_K, stride_kt, BLOCK_N, HEAD_DIM)
-            V_src = _rows_desc(V + b * stride_vb + h * stride_vh, T_K, stride_vt, BLOCK_N, HEAD_DIM)
-        else:
-            q_ptrs, inside = _rows_ptrs(Q + b * stride_qb + h * stride_qh, rows, stride_qt, stride_qd, T_Q, HEAD_DIM)
-            do_ptrs, _ = _rows_ptrs(DO + b * stride_dob + h * stride_doh, rows, stride_dot, stride_dod, T_Q, HEAD_DIM)
-            q, do = _load_two(q_ptrs, do_ptrs, inside, UPCAST)
-            K_src = K + b * stride_kb + h * stride_kh
-            V_src = V + b * stride_vb + h * stride_vh
-        if PRESCALED:
-            q = _prescale(q, qk_scale, Q.dtype.element_ty, UPCAST)
+        q, do, K_src, V_src = _operands(Q, DO, K, V, b, h, start_m, rows, T_Q, T_K, qk_scale, stride_qb, stride_qh,
+            stride_qt, stride_qd, stride_dob, stride_doh, stride_dot, stride_dod, stride_kb, stride_kh, stride_kt,
+            stride_vb, stride_vh, stride_vt, BLOCK_M, BLOCK_N, HEAD_DIM, PRESCALED, UPCAST, TMA)  # fmt: skip
         lse = tl.load(LSE + bh.to(tl.int64) * T_Q + rows, mask=rows < T_Q, other=float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * T_Q + rows, mask=rows < T_Q, other=0.0)
         rng_base, rng_row = _rng_counters(bh, T_Q, T_K, PHILOX_32)
@@ -291,10 +297,7 @@ def _attn_bwd_kernel(
         )  # fmt: skip
         dq = dq * sm_scale
         DQ_head = DQ + b * stride_dqb + h * stride_dqh
-        if TMA:
-            _rows_desc(DQ_head, T_Q, stride_dqt, BLOCK_M, HEAD_DIM).store([start_m, 0], dq.to(DQ.dtype.element_ty))
-        else:
-            _store_rows(DQ_head, rows, stride_dqt, stride_dqd, T_Q, dq, HEAD_DIM)
+        _store_rows(DQ_head, start_m, rows, stride_dqt, stride_dqd, T_Q, dq, BLOCK_M, HEAD_DIM, TMA)
 
 
 def backward(

@@ -80,11 +80,18 @@ def _load_two(a_ptrs, b_ptrs, inside, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _store_rows(head, rows, stride_t, stride_d, T, tile, HEAD_DIM: tl.constexpr):
-    """Store a (rows, HEAD_DIM) fp32 tile in the output's dtype, the rows before T only."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    ptrs = head + rows[:, None] * stride_t + offs_d[None, :] * stride_d
-    tl.store(ptrs, tile.to(head.dtype.element_ty), mask=rows[:, None] < T)
+def _store_rows(
+    head, start, rows, stride_t, stride_d, T, tile, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr
+):
+    """Store a (BLOCK, HEAD_DIM) fp32 tile as rows ``rows`` (from ``start``) of one head's
+    (T, HEAD_DIM) matrix, in its dtype, the rows before T only: through a tensor descriptor
+    with TMA, else by pointers."""
+    if TMA:
+        _rows_desc(head, T, stride_t, BLOCK, HEAD_DIM).store([start, 0], tile.to(head.dtype.element_ty))
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        ptrs = head + rows[:, None] * stride_t + offs_d[None, :] * stride_d
+        tl.store(ptrs, tile.to(head.dtype.element_ty), mask=rows[:, None] < T)
 
 
 @triton.jit
@@ -227,10 +234,7 @@ def _attn_fwd_kernel(
     lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("inf"))
     tl.store(LSE + bh.to(tl.int64) * T_Q + offs_m, lse, mask=offs_m < T_Q)
     O_head = Out + b * stride_ob + h * stride_oh
-    if TMA:
-        _rows_desc(O_head, T_Q, stride_ot, BLOCK_M, HEAD_DIM).store([start_m, 0], out.to(Out.dtype.element_ty))
-    else:
-        _store_rows(O_head, offs_m, stride_ot, stride_od, T_Q, out, HEAD_DIM)
+    _store_rows(O_head, start_m, offs_m, stride_ot, stride_od, T_Q, out, BLOCK_M, HEAD_DIM, TMA)
 
 
 # --------------------------------------------------------------------------------------------

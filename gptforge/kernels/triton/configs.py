@@ -97,114 +97,107 @@ def force_variant(name: str | None) -> Iterator[None]:
 # measured them on a Hopper card the lists lead with the Triton tutorial's choices (TMA in the
 # forward; 32 x 128 dK/dV tiles (32 x 64 at D = 128, where 128 keys spill) and 128 x 32 dQ
 # tiles, 5 stages, the pre-scaled operand in the backward).
-Config = tuple[int, int, int, int, str]
+Tile = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+Config = tuple[int, int, int, int, str]  # a tile and its variant
+Lists = dict[str, list[Config]]  # {"plain": [...], "dropout": [...]}
 
 
-def _variant(name: str, *tiles: tuple[int, int, int, int]) -> list[Config]:
+def _variant(name: str, *tiles: Tile) -> list[Config]:
     return [(*tile, name) for tile in tiles]
 
 
-ATTENTION_CONFIGS: dict[tuple[str, str, str, str], dict[str, list[Config]]] = {
-    # generation, kind, head dims, precision: {"plain": [...], "dropout": [...]}
-    ("sm80", "fwd", "d16-32", "16bit"): dict(
-        plain=_variant("today", (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4))
-        + _variant("longest_first", (128, 64, 4, 3)),
-        dropout=_variant("today", (64, 64, 4, 4), (128, 64, 8, 3))),
-    ("sm80", "fwd", "d64", "16bit"): dict(
-        plain=_variant("today", (128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 8, 3))
-        + _variant("longest_first", (128, 64, 8, 3)),
-        dropout=_variant("today", (64, 32, 4, 3), (128, 64, 8, 3))),
-    ("sm80", "fwd", "d128", "16bit"): dict(
-        plain=_variant("today", (128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3))
-        + _variant("longest_first", (128, 64, 8, 3)),
-        dropout=_variant("today", (64, 32, 8, 3), (32, 32, 4, 3))),
-    ("sm80", "bwd_dkdv", "d16-32", "16bit"): dict(
-        plain=_variant("today", (32, 128, 8, 3), (32, 64, 4, 4), (32, 64, 4, 3))
-        + _variant("longest_first", (32, 128, 8, 3)),
-        dropout=_variant("today", (32, 64, 4, 4), (32, 64, 4, 3))),
-    ("sm80", "bwd_dkdv", "d64", "16bit"): dict(
-        plain=_variant("today", (32, 32, 4, 4), (32, 32, 4, 3), (64, 32, 8, 3))
-        + _variant("longest_first", (32, 32, 4, 4)),
-        dropout=_variant("today", (32, 32, 4, 3), (16, 64, 4, 3))),
-    ("sm80", "bwd_dkdv", "d128", "16bit"): dict(
-        plain=_variant("today", (32, 64, 8, 2), (32, 64, 8, 3))
-        + _variant("longest_first", (32, 64, 8, 2)),
-        dropout=_variant("today", (16, 64, 8, 2), (16, 32, 4, 3))),
-    ("sm80", "bwd_dq", "d16-32", "16bit"): dict(
-        plain=_variant("today", (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3))
-        + _variant("longest_first", (128, 32, 4, 3)),
-        dropout=_variant("today", (128, 32, 8, 3), (64, 32, 4, 4))),
-    ("sm80", "bwd_dq", "d64", "16bit"): dict(
-        plain=_variant("today", (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3))
-        + _variant("longest_first", (128, 64, 8, 3)),
-        dropout=_variant("today", (64, 32, 4, 4), (128, 32, 8, 3))),
-    ("sm80", "bwd_dq", "d128", "16bit"): dict(
-        plain=_variant("today", (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3))
-        + _variant("longest_first", (128, 32, 8, 2)),
-        dropout=_variant("today", (64, 32, 8, 2), (32, 32, 4, 3))),
-    # fp32 inputs (tf32 dots): today's kernel on every generation
-    ("sm80", "fwd", "d16-32", "fp32"): dict(
-        plain=_variant("today", (64, 32, 4, 2), (64, 64, 4, 2)), dropout=_variant("today", (64, 32, 4, 2))),
-    ("sm80", "fwd", "d64", "fp32"): dict(
-        plain=_variant("today", (64, 32, 4, 2), (64, 64, 4, 2)), dropout=_variant("today", (64, 16, 4, 2))),
-    ("sm80", "fwd", "d128", "fp32"): dict(
-        plain=_variant("today", (32, 32, 4, 2), (64, 32, 8, 2)), dropout=_variant("today", (32, 32, 4, 2))),
-    ("sm80", "bwd_dkdv", "d16-32", "fp32"): dict(
-        plain=_variant("today", (16, 64, 4, 2), (16, 32, 4, 2)), dropout=_variant("today", (16, 32, 4, 2))),
-    ("sm80", "bwd_dkdv", "d64", "fp32"): dict(
-        plain=_variant("today", (32, 32, 4, 2)), dropout=_variant("today", (16, 32, 4, 2))),
-    ("sm80", "bwd_dkdv", "d128", "fp32"): dict(
-        plain=_variant("today", (32, 32, 8, 2)), dropout=_variant("today", (16, 32, 8, 2))),
-    ("sm80", "bwd_dq", "d16-32", "fp32"): dict(
-        plain=_variant("today", (64, 32, 4, 2), (32, 32, 4, 2)), dropout=_variant("today", (32, 32, 4, 2))),
-    ("sm80", "bwd_dq", "d64", "fp32"): dict(
-        plain=_variant("today", (32, 32, 4, 2)), dropout=_variant("today", (32, 32, 4, 2))),
-    ("sm80", "bwd_dq", "d128", "fp32"): dict(
-        plain=_variant("today", (32, 32, 4, 2), (64, 32, 8, 2)), dropout=_variant("today", (32, 32, 8, 2))),
-    # Hopper, 16-bit: the tutorial's choices first, then today's kernel and the other variants
-    ("sm90", "fwd", "d16-32", "16bit"): dict(
-        plain=_variant("tma", (128, 64, 4, 3), (128, 128, 8, 3)) + _variant("tma+longest_first", (128, 64, 4, 3))
-        + _variant("today", (128, 64, 4, 3), (128, 128, 8, 3)) + _variant("longest_first", (128, 64, 4, 3)),
-        dropout=_variant("today", (64, 32, 4, 4), (128, 32, 8, 3)) + _variant("tma", (64, 32, 4, 4))),
-    ("sm90", "fwd", "d64", "16bit"): dict(
-        plain=_variant("tma", (128, 64, 4, 3), (128, 128, 8, 3)) + _variant("tma+longest_first", (128, 64, 4, 3))
-        + _variant("today", (128, 64, 4, 3), (128, 128, 8, 3)) + _variant("longest_first", (128, 64, 4, 3)),
-        dropout=_variant("today", (64, 32, 4, 4), (128, 32, 8, 3)) + _variant("tma", (64, 32, 4, 4))),
-    ("sm90", "fwd", "d128", "16bit"): dict(
-        plain=_variant("tma", (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2))
-        + _variant("tma+longest_first", (128, 128, 8, 3))
-        + _variant("today", (128, 64, 8, 3), (128, 32, 8, 3)) + _variant("longest_first", (128, 64, 8, 3)),
-        dropout=_variant("today", (64, 32, 4, 3)) + _variant("tma", (64, 32, 4, 3))),
-    ("sm90", "bwd_dkdv", "d16-32", "16bit"): dict(
-        plain=_variant("tutorial_bwd", (32, 128, 4, 5), (32, 128, 4, 3)) + _variant("tma+tutorial_bwd", (32, 128, 4, 5))
-        + _variant("today", (32, 128, 4, 3), (32, 64, 4, 4)) + _variant("longest_first", (32, 128, 4, 3))
-        + _variant("tma", (32, 128, 4, 3)),
-        dropout=_variant("today", (32, 64, 4, 4), (32, 64, 4, 3)) + _variant("tutorial_bwd", (32, 64, 8, 4))),
-    ("sm90", "bwd_dkdv", "d64", "16bit"): dict(
-        plain=_variant("tutorial_bwd", (32, 128, 8, 5), (32, 128, 8, 3)) + _variant("tma+tutorial_bwd", (32, 128, 8, 5))
-        + _variant("today", (32, 64, 4, 4), (32, 128, 8, 3)) + _variant("longest_first", (32, 64, 4, 4))
-        + _variant("tma", (32, 64, 4, 4)),
-        dropout=_variant("today", (32, 64, 4, 4), (32, 64, 4, 3)) + _variant("tutorial_bwd", (32, 64, 8, 4))),
-    ("sm90", "bwd_dkdv", "d128", "16bit"): dict(
-        plain=_variant("tutorial_bwd", (32, 64, 8, 5), (32, 64, 8, 3)) + _variant("tma+tutorial_bwd", (32, 64, 8, 5))
-        + _variant("today", (32, 64, 8, 2), (32, 64, 8, 3)) + _variant("longest_first", (32, 64, 8, 2))
-        + _variant("tma", (32, 64, 8, 3)),
-        dropout=_variant("today", (16, 64, 8, 2), (16, 64, 8, 3)) + _variant("tutorial_bwd", (16, 64, 8, 2))),
-    ("sm90", "bwd_dq", "d16-32", "16bit"): dict(
-        plain=_variant("tutorial_bwd", (128, 32, 4, 5), (128, 32, 4, 3)) + _variant("tma+tutorial_bwd", (128, 32, 4, 5))
-        + _variant("today", (128, 32, 4, 3), (128, 64, 8, 3)) + _variant("longest_first", (128, 32, 4, 3))
-        + _variant("tma", (128, 32, 4, 3)),
-        dropout=_variant("today", (128, 32, 8, 3), (64, 32, 4, 4)) + _variant("tutorial_bwd", (128, 32, 8, 3))),
-    ("sm90", "bwd_dq", "d64", "16bit"): dict(
-        plain=_variant("tutorial_bwd", (128, 32, 8, 5), (128, 32, 4, 3)) + _variant("tma+tutorial_bwd", (128, 32, 4, 5))
-        + _variant("today", (128, 64, 8, 3), (64, 32, 4, 4)) + _variant("longest_first", (128, 64, 8, 3))
-        + _variant("tma", (128, 64, 8, 3)),
-        dropout=_variant("today", (64, 32, 4, 4), (128, 32, 8, 3)) + _variant("tutorial_bwd", (64, 32, 4, 4))),
-    ("sm90", "bwd_dq", "d128", "16bit"): dict(
-        plain=_variant("tutorial_bwd", (128, 32, 8, 5), (128, 32, 8, 3)) + _variant("tma+tutorial_bwd", (128, 32, 8, 5))
-        + _variant("today", (128, 32, 8, 2), (64, 32, 4, 3)) + _variant("longest_first", (128, 32, 8, 2))
-        + _variant("tma", (128, 32, 8, 2)),
-        dropout=_variant("today", (128, 32, 8, 2), (64, 32, 4, 3)) + _variant("tutorial_bwd", (128, 32, 8, 2))),
+# The lists of one generation and element size share a shape; these build it from the tiles
+# that vary. A variant that takes a single tile takes the first of the list it follows, unless
+# the entry names another.
+
+
+def _fp32(plain: list[Tile], dropout: list[Tile]) -> Lists:
+    """fp32 inputs (tf32 dots), every generation: today's kernel only."""
+    return dict(plain=_variant("today", *plain), dropout=_variant("today", *dropout))
+
+
+def _sm80(plain: list[Tile], dropout: list[Tile]) -> Lists:
+    """sm80, 16-bit: today's kernel, its first plain tile launched longest first too."""
+    return dict(
+        plain=_variant("today", *plain) + _variant("longest_first", plain[0]), dropout=_variant("today", *dropout)
+    )
+
+
+def _sm90_fwd(tma: list[Tile], today: list[Tile], dropout: list[Tile]) -> Lists:
+    """sm90 forward: TMA, then today's kernel, each followed by its first tile launched longest
+    first; dropout: today's kernel, then its first tile through TMA."""
+    plain = _variant("tma", *tma) + _variant("tma+longest_first", tma[0])
+    plain += _variant("today", *today) + _variant("longest_first", today[0])
+    return dict(plain=plain, dropout=_variant("today", *dropout) + _variant("tma", dropout[0]))
+
+
+def _sm90_bwd(
+    tutorial: list[Tile], today: list[Tile], dropout: list[Tile],
+    tma_tutorial: Tile | None = None, tma: Tile | None = None, dropout_tutorial: Tile | None = None,
+) -> Lists:  # fmt: skip
+    """sm90 backward: the tutorial's variant, one tile of it through TMA (``tma_tutorial``);
+    today's kernel, its first tile launched longest first, one tile through TMA (``tma``).
+    Dropout: today's kernel, then one tile of the tutorial's variant (``dropout_tutorial``)."""
+    plain = _variant("tutorial_bwd", *tutorial) + _variant("tma+tutorial_bwd", tma_tutorial or tutorial[0])
+    plain += _variant("today", *today) + _variant("longest_first", today[0]) + _variant("tma", tma or today[0])
+    dropout = _variant("today", *dropout) + _variant("tutorial_bwd", dropout_tutorial or dropout[0])
+    return dict(plain=plain, dropout=dropout)
+
+
+ATTENTION_CONFIGS: dict[tuple[str, str, str, str], Lists] = {
+    # generation, kind, head dims, precision: _builder(tiles)
+    # sm80, 16-bit, by head dims: (plain, dropout) tiles of today's kernel
+    ("sm80", "fwd", "d16-32", "16bit"): _sm80(
+        [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)], [(64, 64, 4, 4), (128, 64, 8, 3)]),
+    ("sm80", "bwd_dkdv", "d16-32", "16bit"): _sm80(
+        [(32, 128, 8, 3), (32, 64, 4, 4), (32, 64, 4, 3)], [(32, 64, 4, 4), (32, 64, 4, 3)]),
+    ("sm80", "bwd_dq", "d16-32", "16bit"): _sm80(
+        [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)], [(128, 32, 8, 3), (64, 32, 4, 4)]),
+    ("sm80", "fwd", "d64", "16bit"): _sm80(
+        [(128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 8, 3)], [(64, 32, 4, 3), (128, 64, 8, 3)]),
+    ("sm80", "bwd_dkdv", "d64", "16bit"): _sm80(
+        [(32, 32, 4, 4), (32, 32, 4, 3), (64, 32, 8, 3)], [(32, 32, 4, 3), (16, 64, 4, 3)]),
+    ("sm80", "bwd_dq", "d64", "16bit"): _sm80(
+        [(128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)], [(64, 32, 4, 4), (128, 32, 8, 3)]),
+    ("sm80", "fwd", "d128", "16bit"): _sm80(
+        [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)], [(64, 32, 8, 3), (32, 32, 4, 3)]),
+    ("sm80", "bwd_dkdv", "d128", "16bit"): _sm80([(32, 64, 8, 2), (32, 64, 8, 3)], [(16, 64, 8, 2), (16, 32, 4, 3)]),
+    ("sm80", "bwd_dq", "d128", "16bit"): _sm80(
+        [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3)], [(64, 32, 8, 2), (32, 32, 4, 3)]),
+    # fp32 inputs, by head dims: (plain, dropout) tiles of today's kernel on every generation
+    ("sm80", "fwd", "d16-32", "fp32"): _fp32([(64, 32, 4, 2), (64, 64, 4, 2)], [(64, 32, 4, 2)]),
+    ("sm80", "bwd_dkdv", "d16-32", "fp32"): _fp32([(16, 64, 4, 2), (16, 32, 4, 2)], [(16, 32, 4, 2)]),
+    ("sm80", "bwd_dq", "d16-32", "fp32"): _fp32([(64, 32, 4, 2), (32, 32, 4, 2)], [(32, 32, 4, 2)]),
+    ("sm80", "fwd", "d64", "fp32"): _fp32([(64, 32, 4, 2), (64, 64, 4, 2)], [(64, 16, 4, 2)]),
+    ("sm80", "bwd_dkdv", "d64", "fp32"): _fp32([(32, 32, 4, 2)], [(16, 32, 4, 2)]),
+    ("sm80", "bwd_dq", "d64", "fp32"): _fp32([(32, 32, 4, 2)], [(32, 32, 4, 2)]),
+    ("sm80", "fwd", "d128", "fp32"): _fp32([(32, 32, 4, 2), (64, 32, 8, 2)], [(32, 32, 4, 2)]),
+    ("sm80", "bwd_dkdv", "d128", "fp32"): _fp32([(32, 32, 8, 2)], [(16, 32, 8, 2)]),
+    ("sm80", "bwd_dq", "d128", "fp32"): _fp32([(32, 32, 4, 2), (64, 32, 8, 2)], [(32, 32, 8, 2)]),
+    # Hopper, 16-bit, by kernel: the tutorial's choices first, then today's kernel and the other
+    # variants. Forward: (TMA, today's, dropout) tiles; backward: (tutorial's, today's, dropout)
+    ("sm90", "fwd", "d16-32", "16bit"): _sm90_fwd(
+        [(128, 64, 4, 3), (128, 128, 8, 3)], [(128, 64, 4, 3), (128, 128, 8, 3)], [(64, 32, 4, 4), (128, 32, 8, 3)]),
+    ("sm90", "fwd", "d64", "16bit"): _sm90_fwd(
+        [(128, 64, 4, 3), (128, 128, 8, 3)], [(128, 64, 4, 3), (128, 128, 8, 3)], [(64, 32, 4, 4), (128, 32, 8, 3)]),
+    ("sm90", "fwd", "d128", "16bit"): _sm90_fwd(
+        [(128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)], [(128, 64, 8, 3), (128, 32, 8, 3)], [(64, 32, 4, 3)]),
+    ("sm90", "bwd_dkdv", "d16-32", "16bit"): _sm90_bwd(
+        [(32, 128, 4, 5), (32, 128, 4, 3)], [(32, 128, 4, 3), (32, 64, 4, 4)], [(32, 64, 4, 4), (32, 64, 4, 3)],
+        dropout_tutorial=(32, 64, 8, 4)),
+    ("sm90", "bwd_dkdv", "d64", "16bit"): _sm90_bwd(
+        [(32, 128, 8, 5), (32, 128, 8, 3)], [(32, 64, 4, 4), (32, 128, 8, 3)], [(32, 64, 4, 4), (32, 64, 4, 3)],
+        dropout_tutorial=(32, 64, 8, 4)),
+    ("sm90", "bwd_dkdv", "d128", "16bit"): _sm90_bwd(
+        [(32, 64, 8, 5), (32, 64, 8, 3)], [(32, 64, 8, 2), (32, 64, 8, 3)], [(16, 64, 8, 2), (16, 64, 8, 3)],
+        tma=(32, 64, 8, 3)),
+    ("sm90", "bwd_dq", "d16-32", "16bit"): _sm90_bwd(
+        [(128, 32, 4, 5), (128, 32, 4, 3)], [(128, 32, 4, 3), (128, 64, 8, 3)], [(128, 32, 8, 3), (64, 32, 4, 4)]),
+    ("sm90", "bwd_dq", "d64", "16bit"): _sm90_bwd(
+        [(128, 32, 8, 5), (128, 32, 4, 3)], [(128, 64, 8, 3), (64, 32, 4, 4)], [(64, 32, 4, 4), (128, 32, 8, 3)],
+        tma_tutorial=(128, 32, 4, 5)),
+    ("sm90", "bwd_dq", "d128", "16bit"): _sm90_bwd(
+        [(128, 32, 8, 5), (128, 32, 8, 3)], [(128, 32, 8, 2), (64, 32, 4, 3)], [(128, 32, 8, 2), (64, 32, 4, 3)]),
 }  # fmt: skip
 for (_gen, _kind, _group, _precision), _lists in list(ATTENTION_CONFIGS.items()):
     if _gen == "sm80" and _precision == "fp32":  # fp32 runs today's kernel on every generation

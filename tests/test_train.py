@@ -151,8 +151,10 @@ def test_a_preset_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
     assert load_config("speedrun_cpu") == by_path == load_config("speedrun_cpu.toml")
     (tmp_path / "speedrun_cpu.toml").write_text("max_iters = 3\n")  # a file of that name wins
     assert load_config("speedrun_cpu.toml").max_iters == 3
-    with pytest.raises(ConfigError, match="not found .the presets, by name: .*speedrun_cpu"):
+    with pytest.raises(ConfigError, match="no_such_preset not found, nor a preset of that name .*speedrun_cpu"):
         load_config("no_such_preset")
+    with pytest.raises(ConfigError, match="config file sub/speedrun_cpu.toml not found$"):
+        load_config("sub/speedrun_cpu.toml")  # a path is a path: no preset in its place
 
 
 def test_cli_help_lists_every_key():

@@ -248,11 +248,13 @@ def find_config(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if path.parent != Path("."):  # a path, not a name
+        raise ConfigError(f"config file {path} not found")
     preset = PRESETS_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
-    if path.parent == Path(".") and preset.is_file():
+    if preset.is_file():
         return preset
     names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.toml")))
-    raise ConfigError(f"config file {path} not found (the presets, by name: {names})")
+    raise ConfigError(f"config file {path} not found, nor a preset of that name ({names})")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> TrainConfig:

@@ -23,6 +23,7 @@ from gptforge.kernels.dispatch import (
     selected,
     use_backend,
 )
+from gptforge.kernels.documents import check_cu_seqlens, document_starts
 
 __all__ = [
     "REGISTRY",
@@ -31,6 +32,7 @@ __all__ = [
     "add_layer_norm",
     "attention",
     "available_backends",
+    "document_starts",
     "layer_norm",
     "selected",
     "use_backend",
@@ -60,6 +62,7 @@ def attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     backend: str | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention, ``softmax(q k^T * scale) v``, over (B, H, T, D) inputs.
 
@@ -67,6 +70,10 @@ def attention(
     aligned bottom-right as in FlashAttention: query i sees keys j <= i + (Tk - Tq), so the
     last query sees every key (decoding against a cache). A query row that sees no key
     returns zeros. ``scale`` defaults to 1/sqrt(D). Returns q's dtype and shape.
+
+    ``cu_seqlens`` packs documents into the rows, as ``flash_attn_varlen_func`` does: the
+    offsets of the documents in the flattened (B * T) token axis (see kernels/documents.py).
+    Attention is then causal inside each document and nothing crosses a document boundary.
     """
     if not _well_formed_attention(q, k, v):
         _explain_attention_args(q, k, v)  # raises, saying what was expected
@@ -77,6 +84,9 @@ def attention(
     elif not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     args, kwargs = (q, k, v), dict(causal=bool(causal), dropout_p=float(dropout_p), scale=float(scale))
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q, k, causal)
+        kwargs["cu_seqlens"] = cu_seqlens
     return resolve("attention", "attention", backend, args, kwargs)(*args, **kwargs)
 
 

@@ -162,7 +162,7 @@ def selected(op: str, backend: str | None = None) -> str:
 # Only answers that do not depend on the call's tensors are kept (no backend's ``unsupported``
 # had a say); a change of selection (use_backend, reload_env) empties it.
 # Eager calls only: code that torch.compile traces never reads or writes it (see ``resolve``).
-_resolved: dict[tuple[str, str, str | None, str], object] = {}
+_resolved: dict[tuple[str, str, str | None, str, tuple[str, ...]], object] = {}
 _selection_epoch = 0  # bumped with every change of selection (see _selection_changed)
 
 
@@ -180,7 +180,8 @@ def resolve(op: str, fn: str, backend: str | None, args: tuple, kwargs: dict):
         # put from step to step. Through the memo it would guard on a dict that the first call
         # fills and every use_backend empties: a recompile each time.
         return _resolve(op, fn, selected(op, backend), args, kwargs)[0]
-    key = (op, fn, backend, args[0].device.type)
+    # a tensor passed by keyword (attention's cu_seqlens) asks for more than a plain call does
+    key = (op, fn, backend, args[0].device.type, tuple(k for k, v in kwargs.items() if isinstance(v, torch.Tensor)))
     found = _resolved.get(key)
     if found is None:
         epoch = _selection_epoch

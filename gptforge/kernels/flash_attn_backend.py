@@ -7,7 +7,7 @@ views in and out (no copies unless the input is not contiguous in the last dim).
 from __future__ import annotations
 
 import torch
-from flash_attn import flash_attn_func  # ImportError here tells the registry it is absent
+from flash_attn import flash_attn_func, flash_attn_varlen_func  # ImportError: the registry says it is absent
 
 
 def unsupported(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_: object) -> str | None:
@@ -22,11 +22,27 @@ def unsupported(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, dropout_p, scale, cu_seqlens)
     # flash-attn >= 2.1 aligns the causal mask bottom-right, as our interface does
     out = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         dropout_p=dropout_p, softmax_scale=scale, causal=causal,
     )
     return out.transpose(1, 2)
+
+
+def _varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
+    """Packed documents through ``flash_attn_varlen_func``: the rows are flattened into one
+    (B * T) token axis, and every row boundary is added to the document offsets."""
+    b, h, t, d = q.shape
+    rows = torch.arange(0, b * t + 1, t, device=q.device, dtype=torch.int32)
+    cu = torch.unique(torch.cat([cu_seqlens.to(torch.int32), rows]))  # sorted, as flash-attn needs
+    flat = [x.transpose(1, 2).reshape(b * t, h, d) for x in (q, k, v)]
+    out = flash_attn_varlen_func(*flat, cu, cu, t, t, dropout_p=dropout_p, softmax_scale=scale, causal=True)
+    return out.view(b, t, h, d).transpose(1, 2)

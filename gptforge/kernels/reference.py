@@ -13,6 +13,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from gptforge.kernels.documents import document_mask, document_starts
+
 
 def causal_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
     """Boolean (Tq, Tk) mask, True where query i may see key j: j <= i + (Tk - Tq).
@@ -39,11 +41,14 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     with no_autocast(q.device.type):
         att = (_wide(q) @ _wide(k).transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-        if causal:
+        if cu_seqlens is not None:  # packed documents: causal inside each, nothing across
+            att = att.masked_fill(~document_mask(document_starts(cu_seqlens, q.shape[0], q.shape[-2])), float("-inf"))
+        elif causal:
             visible = causal_mask(q.shape[-2], k.shape[-2], q.device)
             att = att.masked_fill(~visible, float("-inf"))
         att = F.softmax(att, dim=-1)

@@ -14,16 +14,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gptforge.kernels.documents import document_mask, document_starts
 from gptforge.kernels.reference import no_autocast
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and _needs_grad(q, k, v):
-        return attention(q.float(), k.float(), v.float(), causal, dropout_p, scale).to(q.dtype)
+        return attention(q.float(), k.float(), v.float(), causal, dropout_p, scale, cu_seqlens).to(q.dtype)
     t_q, t_k = q.shape[-2], k.shape[-2]
     with no_autocast(q.device.type):  # compute in the input dtype
+        if cu_seqlens is not None:  # packed documents: a block-diagonal causal mask
+            mask = document_mask(document_starts(cu_seqlens, q.shape[0], t_q))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
         if not causal or t_q == t_k or t_q == 1:  # one query (decoding against a cache) sees every key
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and t_q > 1,
                                                   scale=scale)

@@ -123,6 +123,8 @@ def unsupported(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw
     """None when the triton backend can run this call, else why not and what to use instead."""
     if fn != "attention":
         return f"the triton attention module has no function {fn!r}"
+    if kwargs.get("cu_seqlens") is not None:
+        return "the triton kernel does not take packed documents (cu_seqlens) yet; use backend 'sdpa' or 'torch'"
     head_dim = q.shape[-1]
     if head_dim not in HEAD_DIMS:
         return (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 
 import numpy as np
 import torch
@@ -74,6 +75,18 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
         return None
     half, tf32 = PEAK_FLOPS[max(matches, key=len)]  # the most specific name wins
     return tf32 if dtype == torch.float32 else half
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The run's peak memory so far, in MiB: on CUDA the most the caching allocator held for
+    tensors (``max_memory_allocated``); elsewhere the process's peak resident set (ru_maxrss),
+    which counts everything the process holds, torch's libraries included."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # Unix; ru_maxrss is in KiB on Linux, in bytes on macOS
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def seed_everything(seed: int, device: torch.device) -> None:

@@ -22,7 +22,7 @@ from gptforge.gpt.model import build_model
 from gptforge.gpt.tokenizer import TokenizerUnavailableError, tokenizer_from_meta
 from gptforge.train import checkpoint
 from gptforge.train.config import ConfigError, TrainConfig
-from gptforge.train.device import check_backends, peak_flops, seed_everything
+from gptforge.train.device import check_backends, peak_flops, peak_memory_mib, seed_everything
 from gptforge.train.evaluation import evaluate, write_samples
 from gptforge.train.faults import (
     EXIT_NONFINITE,
@@ -392,7 +392,7 @@ class Trainer:
         tokens_per_s = (self.step - since_step) * self.tokens_per_step / (time.perf_counter() - since)
         mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else None
         row = dict(step=self.step, loss=loss.item(), lr=self.cfg.lr_at(self.step - 1), tokens_per_s=tokens_per_s,
-                   mfu=mfu)
+                   mfu=mfu, peak_memory_mib=peak_memory_mib(self.device))
         if self.skipped_steps:
             row["skipped_steps"] = self.skipped_steps
         self.metrics.record(row)

@@ -75,8 +75,9 @@ class Metrics:
 def log_line(row: dict) -> str:
     """The line printed every log_interval steps."""
     mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"
+    memory = f", peak memory {row['peak_memory_mib']:,.0f} MiB" if row.get("peak_memory_mib") is not None else ""
     return (f"step {row['step']}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, {row['tokens_per_s']:,.0f} tokens/s, "
-            f"mfu {mfu}")
+            f"mfu {mfu}{memory}")
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:

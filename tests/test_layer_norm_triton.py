@@ -187,7 +187,7 @@ def run_fused_case(shape, dtype, affine, offset):
     # GPU rounds to nearest, so there a bf16 h may differ from torch's add in the last bit.)
     with torch.no_grad():
         assert torch.equal(y, kernels.layer_norm(h, weight, bias, backend="triton")), "y != layer_norm(h)"
-        if dtype == torch.bfloat16 and ln.INTERPRET:
+        if dtype == torch.bfloat16 and common.INTERPRET:
             check(h, (x + residual).double(), dtype, "h vs x + residual")
         else:
             assert torch.equal(h, x + residual), "h differs from x + residual"
@@ -329,7 +329,7 @@ def test_rows_too_long_is_a_backend_error():
 
 
 def test_cpu_without_interpreter_is_a_backend_error(monkeypatch):
-    monkeypatch.setattr(ln, "INTERPRET", False)
+    monkeypatch.setattr(common, "INTERPRET", False)  # what off_gpu_refusal reads
     x = torch.randn(2, 8)
     reason = ln.unsupported("layer_norm", x, None, None, eps=1e-5)
     assert reason is not None and "'torch'" in reason and "TRITON_INTERPRET" in reason

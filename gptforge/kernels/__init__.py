@@ -34,6 +34,7 @@ __all__ = [
     "available_backends",
     "document_starts",
     "layer_norm",
+    "linear_cross_entropy",
     "selected",
     "use_backend",
 ]
@@ -215,3 +216,82 @@ class LayerNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape[0]}, eps={self.eps}, bias={self.bias is not None}"
+
+
+# --------------------------------------------------------------------------------------------
+# Linear + cross-entropy (the language model's loss, without materialising the logits)
+# --------------------------------------------------------------------------------------------
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T, targets)``, computed where the backend can without
+    ever holding all the logits.
+
+    ``hidden`` is (N, C) or (B, T, C), ``weight`` (V, C) (an output layer's, possibly tied to an
+    embedding), ``targets`` (N,) or (B, T) integer class ids in [0, V), or ``ignore_index``.
+    ``reduction="mean"`` averages over the rows whose target is not ``ignore_index``; when every
+    row is ignored the loss is 0 and every gradient is zero (``F.cross_entropy`` would return NaN,
+    which would poison a whole step for one fully masked micro-batch). ``"sum"`` adds them up.
+    Returns an fp32 scalar whatever the input dtype; logits are formed and reduced in fp32, and
+    gradients come back in each input's own dtype. Under autocast, hidden and weight are cast
+    to the autocast dtype first, as ``nn.Linear`` would. Targets are not range-checked (that
+    would cost a device sync): an out-of-range id other than ``ignore_index`` is undefined.
+    """
+    if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type) and hidden.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES:
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+    _check_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction)
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1))
+    kwargs = dict(ignore_index=int(ignore_index), reduction=reduction)
+    return resolve("linear_cross_entropy", "linear_cross_entropy", backend, args, kwargs)(*args, **kwargs)
+
+
+def _check_linear_cross_entropy(
+    hidden: object, weight: object, targets: object, ignore_index: object, reduction: object
+) -> None:
+    if (  # the common case, checked quickly; the checks below say what is wrong otherwise
+        isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor) and isinstance(targets, torch.Tensor)
+        and hidden.dim() in (2, 3) and weight.dim() == 2 and targets.shape == hidden.shape[:-1]
+        and hidden.shape[-1] == weight.shape[1] and min(hidden.shape) >= 1 and weight.shape[0] >= 1
+        and hidden.dtype in FLOAT_DTYPES and hidden.dtype == weight.dtype
+        and not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool
+        and hidden.device == weight.device == targets.device
+        and isinstance(ignore_index, int) and reduction in LOSS_REDUCTIONS
+    ):
+        return
+    _check_float_tensor("hidden", hidden)
+    _check_float_tensor("weight", weight)
+    if hidden.dim() not in (2, 3) or min(hidden.shape) < 1:
+        raise ValueError(f"hidden must be (N, C) or (B, T, C) with every size >= 1, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"weight must be (V, C) with C = hidden's last dim {hidden.shape[-1]}, got shape {tuple(weight.shape)}"
+        )
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() or (
+        targets.dtype == torch.bool
+    ):
+        what = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets must be an integer tensor of class ids, got {what}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's shape without its last dim), "
+            f"got {tuple(targets.shape)}"
+        )
+    _check_same("dtype", ("hidden", "weight"), (hidden.dtype, weight.dtype))
+    _check_same("device", ("hidden", "weight", "targets"), (hidden.device, weight.device, targets.device))
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    raise AssertionError("the quick check refused arguments that every check accepts")

@@ -16,6 +16,7 @@ import torch
 from gptforge.kernels.triton import attention_backward, attention_forward
 from gptforge.kernels.triton import layer_norm_backward as bwd
 from gptforge.kernels.triton import layer_norm_forward as fwd
+from gptforge.kernels.triton import linear_cross_entropy_kernels as lce
 from gptforge.kernels.triton.configs import (
     COLUMN_SUMS_BLOCK_M,
     COLUMN_SUMS_BLOCK_N,
@@ -34,7 +35,7 @@ from gptforge.kernels.triton.configs import (
 
 def all_specs() -> list[dict]:
     """Every spec, attention first."""
-    return attention_specs() + layer_norm_specs()
+    return attention_specs() + layer_norm_specs() + linear_cross_entropy_specs()
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,15 +60,18 @@ def _signature(fn, pointer_types: dict[str, str], floats: tuple[str, ...], const
     return sig
 
 
-def _in_ci_set(head_dim: int, dtype: str, dropout: bool, first_of_variant: bool, variant: str) -> bool:
+def _in_ci_set(
+    head_dim: int, dtype: str, dropout: bool, first_of_variant: bool, variant: str, documents: bool = False
+) -> bool:
     """The configurations the default AOT run (and CI) compiles: the first config of every
     variant in every bf16 list at GPT-2's head dims (64, 128; today's kernel at every head dim),
-    plus dropout at 64; ``python -m gptforge.kernels.aot --all`` compiles the rest."""
+    plus dropout at 64; packed documents likewise, but at 64 and 128 only;
+    ``python -m gptforge.kernels.aot --all`` compiles the rest."""
     if dtype != "bf16" or not first_of_variant:
         return False
     if dropout:
         return head_dim == 64
-    return head_dim >= 64 or variant == "today"
+    return head_dim >= 64 or (variant == "today" and not documents)
 
 
 # The GPU generation whose candidate lists each compiled architecture takes (configs.generation).
@@ -86,8 +90,15 @@ def attention_specs() -> list[dict]:
     for (arch, gen), head_dim in itertools.product(GENERATIONS.items(), HEAD_DIMS):
         for dtype in ("bf16", "fp32"):
             pointers = {n: f"*{dtype}" for n in tensors} | {"LSE": "*fp32", "DELTA": "*fp32"}
-            for (kind, (fn, selector)), dropout in itertools.product(_ATTENTION_KERNELS.items(), (False, True)):
+            for (kind, (fn, selector)), dropout, documents in itertools.product(
+                _ATTENTION_KERNELS.items(), (False, True), (False, True)
+            ):
                 unit_strides = {n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")}
+                # packed documents: int32 (B, T) document starts (and ends, backward); else None,
+                # as the launchers pass them, so plain calls compile as they did before documents
+                doc_tensors = [n for n in ("STARTS", "ENDS") if n in fn.arg_names]
+                doc_args = {} if documents else dict.fromkeys(doc_tensors)
+                pointers_here = pointers | ({n: "*i32" for n in doc_tensors} if documents else {})
                 seen_variants = set()
                 for block_m, block_n, warps, stages, name in attention_configs(
                     gen, kind, head_dim, dtype == "fp32", dropout
@@ -95,10 +106,12 @@ def attention_specs() -> list[dict]:
                     constexprs = dict(
                         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, DROPOUT=dropout,
                         UPCAST=False, PHILOX_32=True, **selector, **variant_switches(kind, name), **unit_strides,
+                        DOCUMENTS=documents, **doc_args,
                     )  # fmt: skip
                     tag = f"D{head_dim},{dtype},M{block_m},N{block_n},w{warps},s{stages}{',dropout' * dropout}"
+                    tag += ",documents" * documents
                     spec_name = f"attn_{kind}[{tag}{'' if name == 'today' else ',' + name}]"
-                    default = _in_ci_set(head_dim, dtype, dropout, name not in seen_variants, name)
+                    default = _in_ci_set(head_dim, dtype, dropout, name not in seen_variants, name, documents)
                     seen_variants.add(name)
                     wide_name = f"{spec_name[:-1]},philox64]"  # --all: the 64-bit dropout counters too
                     if spec_name in specs:  # the same config in both generations' lists
@@ -110,7 +123,7 @@ def attention_specs() -> list[dict]:
                     strides_16 = [n for n in fn.arg_names if n.startswith("stride_") and n not in unit_strides]
                     specs[spec_name] = dict(
                         name=spec_name, fn=fn, archs=[arch], variant=name,
-                        signature=_signature(fn, pointers, floats, constexprs), constexprs=constexprs,
+                        signature=_signature(fn, pointers_here, floats, constexprs), constexprs=constexprs,
                         num_warps=warps, num_stages=stages, default=default, divisible_by_16=strides_16,
                     )  # fmt: skip
                     if dropout:  # counters past 2^31 (B * H * T^2 with dropout) take 64-bit arithmetic
@@ -236,3 +249,27 @@ def _dtype_combinations() -> list[tuple[str, str, str]]:
     for half in ("fp16", "bf16"):
         combos += [(half, "fp32", "fp32"), ("fp32", half, "fp32")]
     return combos
+
+
+# --------------------------------------------------------------------------------------------
+# Linear + cross-entropy: the row kernel at every tile the launch rule may pick
+# --------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy_specs() -> list[dict]:
+    """The cross-entropy row kernel for each logits dtype, with and without the gradient pass, at
+    every BLOCK_V ``lce.block_v`` may return (128 up to MAX_BLOCK_V); the largest is the default."""
+    specs = []
+    fn = lce._cross_entropy_rows_kernel
+    tiles = [2**i for i in range(7, lce.MAX_BLOCK_V.bit_length())]
+    for ty, tile, need_grad in itertools.product(_TRITON_DTYPES.values(), tiles, (True, False)):
+        signature = {
+            "LOGITS": f"*{ty}", "TARGETS": "*i64", "LOSS": "*fp32", "SCALE": "*fp32", "stride_row": "i32",
+            "vocab": "i32", "ignore_index": "i32",
+        }  # fmt: skip
+        specs.append(dict(
+            name=f"linear_cross_entropy_rows_block_v{tile}_{ty}{'' if need_grad else '_loss_only'}", fn=fn,
+            signature=signature, constexprs=dict(BLOCK_V=tile, NEED_GRAD=need_grad), num_warps=lce.NUM_WARPS,
+            num_stages=1, default=tile == lce.MAX_BLOCK_V, divisible_by_16=["stride_row"],
+        ))  # fmt: skip
+    return specs

@@ -34,6 +34,7 @@ import torch
 OPS: dict[str, tuple[str, ...]] = {
     "attention": ("attention",),
     "layer_norm": ("layer_norm", "add_layer_norm"),
+    "linear_cross_entropy": ("linear_cross_entropy",),
 }
 
 # op family -> backend name -> module implementing it. Adding a backend is one line here.
@@ -48,12 +49,18 @@ REGISTRY: dict[str, dict[str, str]] = {
         "torch": "gptforge.kernels.reference",
         "triton": "gptforge.kernels.triton.layer_norm",
     },
+    "linear_cross_entropy": {
+        "torch": "gptforge.kernels.reference",
+        "chunked": "gptforge.kernels.chunked_cross_entropy",
+        "triton": "gptforge.kernels.triton.linear_cross_entropy",
+    },
 }
 
 # What ``auto`` tries, in order, per op family and device type.
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "attention": {"cuda": ("triton", "sdpa", "torch"), "cpu": ("sdpa", "torch")},
     "layer_norm": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "linear_cross_entropy": {"cuda": ("triton", "chunked", "torch"), "cpu": ("chunked", "torch")},
 }
 
 ENV_VAR = "GPT_KERNELS"
@@ -269,10 +276,16 @@ def _probe_args(op: str, device: torch.device) -> tuple[tuple, dict]:
     if op == "attention":
         q = torch.empty(1, 1, 1, 64, **meta)
         return (q, q, q), dict(causal=True, dropout_p=0.0, scale=0.125)
+    if op == "linear_cross_entropy":
+        h = torch.empty(1, 64, **meta)
+        return (h, h, torch.zeros(1, dtype=torch.long, device=device)), dict(ignore_index=-100, reduction="mean")
     x = torch.empty(1, 64, **meta)
     return (x, x[0], x[0]), dict(eps=1e-5)
 
 
 # The PyTorch backends are cheap to import and are what ``auto`` runs on the CPU.
-for _op, _name in (("attention", "torch"), ("attention", "sdpa"), ("layer_norm", "torch")):
+for _op, _name in (
+    ("attention", "torch"), ("attention", "sdpa"), ("layer_norm", "torch"),
+    ("linear_cross_entropy", "torch"), ("linear_cross_entropy", "chunked"),
+):
     _load(_op, _name)

@@ -33,7 +33,8 @@ def document_mask(starts: torch.Tensor) -> torch.Tensor:
 def check_cu_seqlens(cu_seqlens: object, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
     """A ValueError that says what was expected, for a malformed ``cu_seqlens``. Its values
     (0 first, B * T last, increasing) are checked on the CPU only: on a GPU the check would
-    cost a device synchronisation in every layer of every step."""
+    cost a device synchronisation in every layer of every step; under torch.compile, where
+    reading a value would stop the trace, they are not checked either."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -45,7 +46,7 @@ def check_cu_seqlens(cu_seqlens: object, q: torch.Tensor, k: torch.Tensor, causa
         raise ValueError("packed documents (cu_seqlens) are causal within each document: pass causal=True")
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"packed documents need as many queries as keys, got Tq={q.shape[-2]}, Tk={k.shape[-2]}")
-    if cu_seqlens.device.type == "cpu":
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         total = q.shape[0] * q.shape[-2]
         steps = cu_seqlens[1:] - cu_seqlens[:-1]
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool((steps <= 0).any()):

@@ -85,3 +85,17 @@ def add_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     h = x + residual
     return layer_norm(h, weight, bias, eps), h
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str
+) -> torch.Tensor:
+    """The loss with every logit materialised: (N, V) fp32 logits, then ``F.cross_entropy``.
+    The mean divides by the number of rows not at ``ignore_index``, or by 1 when there are none
+    (a loss of 0 with zero gradients, where ``F.cross_entropy``'s mean gives NaN)."""
+    with no_autocast(hidden.device.type):
+        logits = _wide(hidden) @ _wide(weight).t()  # (N, V)
+        loss = F.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction="sum")
+        if reduction == "mean":
+            loss = loss / (targets != ignore_index).sum().clamp(min=1)
+        return loss

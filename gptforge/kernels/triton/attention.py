@@ -27,6 +27,10 @@ Conventions used throughout:
   recomputed probability exactly 0 in the backward, so its gradients are 0 rather than NaN.
 * Dropout draws one Philox number per (batch*head, query, key) from ``tl.rand(seed, offset)``;
   the backward regenerates the same numbers from the same seed and offsets.
+* Packed documents (``cu_seqlens``) reach the kernels as ``starts``, each position's document
+  start within its row (documents.document_starts); query i sees key j iff
+  ``starts[i] <= j <= i``. Dropout counters stay those of the (batch*head, query, key)
+  position, so a row holding one document draws exactly the unpacked kernel's mask.
 * ``UPCAST`` is True only under Triton's interpreter, whose bf16 arithmetic is wrong (NumPy has
   no bfloat16): tiles are converted to fp32 right after loading. On a GPU it is False and the
   ``tl.dot`` operands stay bf16/fp16 for the tensor cores.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from gptforge.kernels.documents import document_starts
 from gptforge.kernels.triton.attention_backward import backward
 from gptforge.kernels.triton.attention_forward import forward
 from gptforge.kernels.triton.common import INTERPRET
@@ -56,16 +61,17 @@ def _seed_value(seed: torch.Tensor | None) -> int:
 @torch.library.custom_op(
     "gpt_kernels::flash_attention_fwd",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, bool causal, float dropout_p, float scale, Tensor? seed)"
-    " -> (Tensor, Tensor)",
+    schema="(Tensor q, Tensor k, Tensor v, bool causal, float dropout_p, float scale, Tensor? seed,"
+    " Tensor? starts=None) -> (Tensor, Tensor)",
 )
-def flash_attention_fwd(q, k, v, causal, dropout_p, scale, seed):
-    """Returns ``(out, lse)``; ``lse`` (fp32, (B, H, Tq), base 2) is kept for the backward."""
-    return forward(q, k, v, causal, dropout_p, scale, _seed_value(seed))
+def flash_attention_fwd(q, k, v, causal, dropout_p, scale, seed, starts=None):
+    """Returns ``(out, lse)``; ``lse`` (fp32, (B, H, Tq), base 2) is kept for the backward.
+    ``starts``: packed documents' int32 (B, T) document starts, or None."""
+    return forward(q, k, v, causal, dropout_p, scale, _seed_value(seed), starts)
 
 
 @flash_attention_fwd.register_fake
-def _(q, k, v, causal, dropout_p, scale, seed):
+def _(q, k, v, causal, dropout_p, scale, seed, starts=None):
     B, H, T_q, D = q.shape
     return q.new_empty((B, H, T_q, D)), q.new_empty((B, H, T_q), dtype=torch.float32)
 
@@ -74,31 +80,31 @@ def _(q, k, v, causal, dropout_p, scale, seed):
     "gpt_kernels::flash_attention_bwd",
     mutates_args=(),
     schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float dropout_p,"
-    " float scale, Tensor? seed) -> (Tensor, Tensor, Tensor)",
+    " float scale, Tensor? seed, Tensor? starts=None) -> (Tensor, Tensor, Tensor)",
 )
-def flash_attention_bwd(do, q, k, v, o, lse, causal, dropout_p, scale, seed):
+def flash_attention_bwd(do, q, k, v, o, lse, causal, dropout_p, scale, seed, starts=None):
     """Returns ``(dq, dk, dv)``, recomputing the probabilities from ``lse``."""
-    return backward(do, q, k, v, o, lse, causal, dropout_p, scale, _seed_value(seed))
+    return backward(do, q, k, v, o, lse, causal, dropout_p, scale, _seed_value(seed), starts)
 
 
 @flash_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, dropout_p, scale, seed):
+def _(do, q, k, v, o, lse, causal, dropout_p, scale, seed, starts=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, dropout_p, scale, seed = inputs
+    q, k, v, causal, dropout_p, scale, seed, starts = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.save_for_backward(q, k, v, o, lse, seed, starts)
     ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, seed = ctx.saved_tensors
+    q, k, v, o, lse, seed, starts = ctx.saved_tensors
     dq, dk, dv = torch.ops.gpt_kernels.flash_attention_bwd(
-        do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, ctx.scale, seed
+        do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, ctx.scale, seed, starts
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -110,12 +116,14 @@ flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Fused attention over (B, H, T, D) tensors; see ``kernels.attention`` for the contract."""
     # the Philox seed comes from torch's (CPU) generator: torch.manual_seed makes dropout repeatable
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
-    out, _ = torch.ops.gpt_kernels.flash_attention_fwd(q, k, v, causal, dropout_p, scale, seed)
+    starts = None if cu_seqlens is None else document_starts(cu_seqlens, q.shape[0], q.shape[-2]).contiguous()
+    out, _ = torch.ops.gpt_kernels.flash_attention_fwd(q, k, v, causal, dropout_p, scale, seed, starts)
     return out
 
 
@@ -123,8 +131,6 @@ def unsupported(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw
     """None when the triton backend can run this call, else why not and what to use instead."""
     if fn != "attention":
         return f"the triton attention module has no function {fn!r}"
-    if kwargs.get("cu_seqlens") is not None:
-        return "the triton kernel does not take packed documents (cu_seqlens) yet; use backend 'sdpa' or 'torch'"
     head_dim = q.shape[-1]
     if head_dim not in HEAD_DIMS:
         return (

@@ -13,6 +13,12 @@ Besides the forward's switches (LONGEST_FIRST, TMA) two more are the tutorial's 
 softmax scale once, so the scores come out of the dot in base 2 with no multiply per score;
 ``INTERIOR_UNMASKED`` loads the dK/dV program's query tiles that lie wholly before T_Q without
 bounds masks (only the ragged last one keeps them).
+
+Packed documents (``DOCUMENTS``, set by the launcher): ``STARTS`` holds each position's
+document start, ``ENDS`` its document's end (exclusive), both int32 (B, T). The dQ program
+walks keys as the forward does (attention_forward._document_keys); the dK/dV program stops its
+query loop at the end of the last document its keys belong to, and runs unmasked only over
+the query tiles wholly inside its first key's document. Off, both are None.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import triton.language as tl
 
 from gptforge.kernels.triton.attention_forward import (
     LOG2E,
+    _document_keys,
     _key_range,
     _load_two,
     _program_block,
@@ -74,13 +81,15 @@ def _query_range(start_n, T_Q, T_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row,
     stride_qt, stride_qd, stride_dot, stride_dod,
-    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, lo, hi,
+    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, lo, hi, STARTS_row,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, BOUNDED: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRESCALED: tl.constexpr, TMA: tl.constexpr,
+    DOCUMENTS: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV of one key block over the query tiles ``[lo, hi)``, working on the
     transposed tiles (keys along rows) so the key block stays the left operand of every dot.
-    MASKED: apply the causal mask; BOUNDED: the tiles may reach past T_Q (mask the loads)."""
+    MASKED: apply the causal mask (and with DOCUMENTS the document mask, from the rows'
+    document starts at ``STARTS_row``); BOUNDED: the tiles may reach past T_Q (mask the loads)."""
     offs_d = tl.arange(0, HEAD_DIM)  # the loop spells out its tiles: see _attn_fwd_inner
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -109,7 +118,10 @@ def _attn_bwd_dkdv_inner(
         else:
             pt = tl.math.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])
         if MASKED:
-            pt = tl.where(cols[:, None] <= rows[None, :] + (T_K - T_Q), pt, 0.0)
+            visible = cols[:, None] <= rows[None, :] + (T_K - T_Q)
+            if DOCUMENTS:
+                visible = visible & (cols[:, None] >= tl.load(STARTS_row + rows, mask=rows < T_Q, other=0)[None, :])
+            pt = tl.where(visible, pt, 0.0)
         if DROPOUT:
             keep = tl.rand(seed, rng_base + rows[None, :] * rng_row + cols[:, None]) >= dropout_p
             pt_dropped = tl.where(keep, pt * dropout_scale, 0.0)
@@ -127,13 +139,18 @@ def _attn_bwd_dkdv_inner(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, lo, hi,
+    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, lo, hi, starts_q, gap_at, gap,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRESCALED: tl.constexpr, TMA: tl.constexpr,
+    DOCUMENTS: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dQ of one query block over the key tiles ``[lo, hi)``."""
+    """Accumulate dQ of one query block over the key tiles ``[lo, hi)``; with DOCUMENTS the
+    mask also hides keys before each row's document start ``starts_q``, and the masked loop
+    skips ``gap`` keys from ``gap_at``, as the forward's does."""
     offs_d = tl.arange(0, HEAD_DIM)  # the loop spells out its tiles: see _attn_fwd_inner
     for start_n in range(lo, hi, BLOCK_N):
+        if DOCUMENTS and MASKED:
+            start_n = tl.where(start_n >= gap_at, start_n + gap, start_n)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + tl.arange(0, BLOCK_N)
         if TMA:
@@ -154,6 +171,8 @@ def _attn_bwd_dq_inner(
             visible = cols[None, :] < T_K
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + (T_K - T_Q))
+            if DOCUMENTS:
+                visible = visible & (cols[None, :] >= starts_q[:, None])
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, vt)
         if DROPOUT:
@@ -216,7 +235,7 @@ def _operands(
 
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _attn_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, seed,
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, STARTS, ENDS, seed,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -228,7 +247,7 @@ def _attn_bwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PHILOX_32: tl.constexpr,
     KEY_BLOCKS: tl.constexpr, LONGEST_FIRST: tl.constexpr, TMA: tl.constexpr,
-    PRESCALED: tl.constexpr, INTERIOR_UNMASKED: tl.constexpr,
+    PRESCALED: tl.constexpr, INTERIOR_UNMASKED: tl.constexpr, DOCUMENTS: tl.constexpr,
 ):  # fmt: skip
     # Grid: (key blocks with KEY_BLOCKS, else query blocks; batch * heads), swapped with
     # LONGEST_FIRST. KEY_BLOCKS is a constexpr: each launch compiles only its own branch, and
@@ -248,26 +267,46 @@ def _attn_bwd_kernel(
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         lo, mid = _query_range(start_n, T_Q, T_K, BLOCK_M, BLOCK_N, CAUSAL)
+        STARTS_row = STARTS
+        if DOCUMENTS:
+            STARTS_row = STARTS + b * T_Q
         # the query tiles on the causal diagonal (causal only): masked; then those that see every key
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
-            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, lo, mid,
-            HEAD_DIM, BLOCK_M, True, True, DROPOUT, UPCAST, PRESCALED, TMA,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, lo, mid, STARTS_row,
+            HEAD_DIM, BLOCK_M, True, True, DROPOUT, UPCAST, PRESCALED, TMA, DOCUMENTS,
         )  # fmt: skip
-        if INTERIOR_UNMASKED:  # the tiles wholly before T_Q without bounds masks, then the ragged one
+        if DOCUMENTS:
+            # past the diagonal: the tiles wholly inside the first key's document see every key
+            # unmasked; the rest, up to the end of the last key's document, take the mask
+            ENDS_row = ENDS + b * T_Q
+            own = tl.maximum((tl.load(ENDS_row + start_n) // BLOCK_M) * BLOCK_M, mid)
+            end = tl.cdiv(tl.load(ENDS_row + tl.minimum(start_n + BLOCK_N, T_K) - 1), BLOCK_M) * BLOCK_M
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
+                seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, mid, own, STARTS_row,
+                HEAD_DIM, BLOCK_M, False, not INTERIOR_UNMASKED, DROPOUT, UPCAST, PRESCALED, TMA, DOCUMENTS,
+            )  # fmt: skip
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
+                seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, own, end, STARTS_row,
+                HEAD_DIM, BLOCK_M, True, True, DROPOUT, UPCAST, PRESCALED, TMA, DOCUMENTS,
+            )  # fmt: skip
+        elif INTERIOR_UNMASKED:  # the tiles wholly before T_Q without bounds masks, then the ragged one
             interior = tl.maximum((T_Q // BLOCK_M) * BLOCK_M, mid)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
-                seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, mid, interior,
-                HEAD_DIM, BLOCK_M, False, False, DROPOUT, UPCAST, PRESCALED, TMA,
+                seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, mid, interior, STARTS,
+                HEAD_DIM, BLOCK_M, False, False, DROPOUT, UPCAST, PRESCALED, TMA, DOCUMENTS,
             )  # fmt: skip
         else:
             interior = mid
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
-            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, interior, T_Q,
-            HEAD_DIM, BLOCK_M, False, True, DROPOUT, UPCAST, PRESCALED, TMA,
-        )  # fmt: skip
+        if not DOCUMENTS:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_src, DO_src, LSE_row, DELTA_row, stride_qt, stride_qd, stride_dot, stride_dod,
+                seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, cols, interior, T_Q, STARTS,
+                HEAD_DIM, BLOCK_M, False, True, DROPOUT, UPCAST, PRESCALED, TMA, DOCUMENTS,
+            )  # fmt: skip
         dk = dk * sm_scale  # S = scale * Q K^T, so dK = scale * dS^T Q
         DK_head = DK + b * stride_dkb + h * stride_dkh
         DV_head = DV + b * stride_dvb + h * stride_dvh
@@ -284,16 +323,22 @@ def _attn_bwd_kernel(
         rng_base, rng_row = _rng_counters(bh, T_Q, T_K, PHILOX_32)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         mid, hi = _key_range(start_m, T_Q, T_K, BLOCK_M, BLOCK_N, CAUSAL)
-        # keys every query of the block sees: no mask; then the causal diagonal and the ragged end: masked
+        if DOCUMENTS:  # keys [lo, full), from the earliest document start to the latest: masked
+            starts_q, lo, full = _document_keys(STARTS + b * T_Q, rows, T_Q, mid, BLOCK_N)
+            gap, masked_hi = mid - full, hi - (mid - full)
+        else:
+            starts_q, lo, full, gap, masked_hi = 0, mid, 0, 0, hi
+        # keys every query of the block sees: no mask; then the causal diagonal and the ragged end
+        # (with DOCUMENTS first [lo, full), then a jump to mid): masked
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, 0, mid,
-            HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, UPCAST, PRESCALED, TMA,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, full, mid, starts_q, 0, 0,
+            HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, UPCAST, PRESCALED, TMA, DOCUMENTS,
         )  # fmt: skip
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, mid, hi,
-            HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, UPCAST, PRESCALED, TMA,
+            seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, dropout_scale, rows, lo, masked_hi, starts_q,
+            full, gap, HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, UPCAST, PRESCALED, TMA, DOCUMENTS,
         )  # fmt: skip
         dq = dq * sm_scale
         DQ_head = DQ + b * stride_dqb + h * stride_dqh
@@ -302,25 +347,28 @@ def _attn_bwd_kernel(
 
 def backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    causal: bool, dropout_p: float, scale: float, seed: int,
+    causal: bool, dropout_p: float, scale: float, seed: int, starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Returns ``(dq, dk, dv)``, recomputing the probabilities from the forward's ``lse``."""
+    """Returns ``(dq, dk, dv)``, recomputing the probabilities from the forward's ``lse``.
+    ``starts``: packed documents, as for the forward."""
     B, H, T_q, D = q.shape
     T_k = k.shape[2]
     delta = new_output(lse.shape, lse.dtype, lse.device)
     dq, dk, dv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
     args = (
-        q, k, v, do, lse, delta, dq, dk, dv, seed,
+        q, k, v, do, lse, delta, dq, dk, dv, starts, None if starts is None else document_ends(starts), seed,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         H, T_q, T_k, triton.next_power_of_2(B * H), triton.next_power_of_2(T_q), triton.next_power_of_2(T_k),
         scale, scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
     )  # fmt: skip
+    docs = starts is not None
     flags = dict(
         HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET, PHILOX_32=philox_32bit(B * H, T_q, T_k)
     )
+    flags["DOCUMENTS"] = docs
     tensors = (q, k, v, do, dq, dk, dv)
-    dkdv, dkdv_meta = attention_kernel("bwd_dkdv", _attn_bwd_kernel, q, dropout_p > 0.0, tensors)
-    dq_kernel, dq_meta = attention_kernel("bwd_dq", _attn_bwd_kernel, q, dropout_p > 0.0, tensors)
+    dkdv, dkdv_meta = attention_kernel("bwd_dkdv", _attn_bwd_kernel, q, dropout_p > 0.0, tensors, docs)
+    dq_kernel, dq_meta = attention_kernel("bwd_dq", _attn_bwd_kernel, q, dropout_p > 0.0, tensors, docs)
     set_descriptor_allocator(q)
     with device_guard(q):
         _attn_bwd_preprocess_kernel[(triton.cdiv(T_q, PREPROCESS_BLOCK_M), B * H)](
@@ -333,3 +381,13 @@ def backward(
             *args, **flags, KEY_BLOCKS=False, **dq_meta
         )
     return dq, dk, dv
+
+
+def document_ends(starts: torch.Tensor) -> torch.Tensor:
+    """int32 (B, T): for every position, where its document ends (exclusive), from the
+    document starts: the next position that starts a document, or T."""
+    batch, seq_len = starts.shape
+    pos = torch.arange(seq_len, device=starts.device, dtype=torch.int32)
+    first = torch.where(starts == pos, pos, seq_len).to(torch.int32)  # document heads, T elsewhere
+    after = torch.cat([first[:, 1:], first.new_full((batch, 1), seq_len)], dim=1)
+    return torch.cummin(after.flip(1), 1).values.flip(1).contiguous()

@@ -9,6 +9,14 @@ the top are shared with the backward kernels (attention_backward.py).
 Two switches (constexprs the autotuner chooses between, configs.py) change how, not what:
 ``LONGEST_FIRST`` launches the causal query blocks that see the most keys first, and ``TMA``
 moves tiles with Hopper's tensor-memory accelerator (tensor descriptors) instead of pointers.
+
+``DOCUMENTS`` (set by the launcher, not tuned) packs several documents in a row: ``STARTS``
+(int32 (B, T)) holds where each position's document begins, and query i sees key j iff
+``starts[i] <= j <= i``. A query block's key loop then starts at the tile holding the block's
+earliest document start; the tiles before its latest start pay for the document mask. They
+run in the masked loop, which jumps from them to the diagonal: two loops, as without
+documents (a third loop cost up to 70 more registers and spilled at D = 128; python -m
+gptforge.kernels.aot). Off, STARTS is None and the kernel compiles exactly as without it.
 """
 
 from __future__ import annotations
@@ -113,6 +121,18 @@ def _key_range(start_m, T_Q, T_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
+def _document_keys(STARTS_row, offs_m, T_Q, mid, BLOCK_N: tl.constexpr):
+    """Packed documents, for a query block (rows ``offs_m``) whose causal range needs no mask
+    from ``mid``: (each row's document start, the first key tile any row sees, the first tile
+    from which every row sees every key up to ``mid``). Keys in [lo, full) need the document mask."""
+    starts = tl.load(STARTS_row + offs_m, mask=offs_m < T_Q, other=0)
+    first = tl.min(tl.where(offs_m < T_Q, starts, T_Q), 0)
+    lo = (first // BLOCK_N) * BLOCK_N
+    full = tl.cdiv(tl.max(starts, 0), BLOCK_N) * BLOCK_N
+    return starts, lo, tl.minimum(tl.maximum(full, lo), mid)
+
+
+@triton.jit
 def _rng_counters(bh, T_Q, T_K, PHILOX_32: tl.constexpr):
     """(first counter, counters per query row) of head ``bh``'s dropout: one Philox counter per
     (bh, query, key), ``first + row * per_row + key``. In int32 when every counter fits
@@ -134,17 +154,21 @@ def _rng_counters(bh, T_Q, T_K, PHILOX_32: tl.constexpr):
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, offs_m, lo, hi,
+    seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, offs_m, lo, hi, starts_q, gap_at, gap,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, DOCUMENTS: tl.constexpr,
 ):  # fmt: skip
     """Fold the key tiles ``[lo, hi)`` into the running (acc, l, m) of one query block.
-    ``K_src``/``V_src`` are the head's tensor descriptors with TMA, else pointers to its rows."""
+    ``K_src``/``V_src`` are the head's tensor descriptors with TMA, else pointers to its rows.
+    With DOCUMENTS the mask also hides keys before each row's document start ``starts_q``,
+    and the masked loop skips ``gap`` keys from ``gap_at`` (the tiles the unmasked loop ran)."""
     # The loop body spells out its pointers, loads and mask rather than calling the tile helpers:
     # Triton inlines either way, but the interpreter pays about a millisecond per nested call.
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
+        if DOCUMENTS and MASKED:
+            start_n = tl.where(start_n >= gap_at, start_n + gap, start_n)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         if TMA:  # keys past T_K come back as 0 from the copy engine: no load mask
@@ -162,6 +186,8 @@ def _attn_fwd_inner(
             visible = cols[None, :] < T_K
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + (T_K - T_Q))
+            if DOCUMENTS:
+                visible = visible & (cols[None, :] >= starts_q[:, None])
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:  # a row that has seen no key yet keeps m = -inf: subtract 0, not -inf (inf - inf = NaN)
@@ -180,7 +206,7 @@ def _attn_fwd_inner(
 
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _attn_fwd_kernel(
-    Q, K, V, Out, LSE, seed,
+    Q, K, V, Out, LSE, STARTS, seed,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -188,7 +214,7 @@ def _attn_fwd_kernel(
     H, T_Q, T_K, BH_KEY, T_Q_KEY, T_K_KEY, qk_scale, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PHILOX_32: tl.constexpr,
-    LONGEST_FIRST: tl.constexpr, TMA: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr, TMA: tl.constexpr, DOCUMENTS: tl.constexpr,
 ):  # fmt: skip
     # BH_KEY, T_Q_KEY and T_K_KEY are power-of-two buckets of B * H, T_Q and T_K, read only by
     # the autotuner's key.
@@ -213,17 +239,23 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     mid, hi = _key_range(start_m, T_Q, T_K, BLOCK_M, BLOCK_N, CAUSAL)
+    if DOCUMENTS:  # keys [lo, full), from the earliest document start to the latest, take the mask
+        starts_q, lo, full = _document_keys(STARTS + b * T_Q, offs_m, T_Q, mid, BLOCK_N)
+        gap, masked_hi = mid - full, hi - (mid - full)
+    else:
+        starts_q, lo, full, gap, masked_hi = 0, mid, 0, 0, hi
     # stage 1: tiles that every query of the block sees in full -- no mask
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-        seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, offs_m, 0, mid,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, UPCAST, TMA,
+        seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, offs_m, full, mid, starts_q, 0, 0,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, UPCAST, TMA, DOCUMENTS,
     )  # fmt: skip
-    # stage 2: the tiles on the causal diagonal and the ragged last tile -- masked
+    # stage 2: the tiles on the causal diagonal and the ragged last tile (with DOCUMENTS first
+    # [lo, full), then a jump to mid) -- masked
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kt, stride_kd, stride_vt, stride_vd,
-        seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, offs_m, mid, hi,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, UPCAST, TMA,
+        seed, rng_base, rng_row, T_Q, T_K, qk_scale, dropout_p, offs_m, lo, masked_hi, starts_q, full, gap,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, UPCAST, TMA, DOCUMENTS,
     )  # fmt: skip
 
     seen = l_i > 0.0  # False only for rows that see no key at all: they output 0
@@ -243,14 +275,17 @@ def _attn_fwd_kernel(
 
 
 def forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out, lse)``: out like q, lse fp32 (B, H, Tq) in base 2, for the backward."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, scale: float, seed: int,
+    starts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Returns ``(out, lse)``: out like q, lse fp32 (B, H, Tq) in base 2, for the backward.
+    ``starts``: packed documents, int32 (B, T) document starts (``documents.document_starts``)."""
     B, H, T_q, D = q.shape
     T_k = k.shape[2]
     o = new_output((B, H, T_q, D), q.dtype, q.device)
     lse = new_output((B, H, T_q), torch.float32, q.device)
-    kernel, meta = attention_kernel("fwd", _attn_fwd_kernel, q, dropout_p > 0.0, (q, k, v, o))
+    documents = starts is not None
+    kernel, meta = attention_kernel("fwd", _attn_fwd_kernel, q, dropout_p > 0.0, (q, k, v, o), documents)
     set_descriptor_allocator(q)
 
     def grid(m: dict) -> tuple[int, int]:
@@ -258,10 +293,10 @@ def forward(
 
     with device_guard(q):
         kernel[grid](
-            q, k, v, o, lse, seed, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            q, k, v, o, lse, starts, seed, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, T_q, T_k, triton.next_power_of_2(B * H), triton.next_power_of_2(T_q), triton.next_power_of_2(T_k),
             scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
             HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET,
-            PHILOX_32=philox_32bit(B * H, T_q, T_k), **meta,
+            PHILOX_32=philox_32bit(B * H, T_q, T_k), DOCUMENTS=documents, **meta,
         )  # fmt: skip
     return o, lse

@@ -18,6 +18,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON_OUTPUTS = False
 
 
+def off_gpu_refusal(t: torch.Tensor, cpu_backend: str) -> str | None:
+    """Why a Triton backend cannot run on ``t``'s device, or None: it needs CUDA, or the
+    interpreter on the CPU."""
+    if t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET):
+        return None
+    return (
+        f"triton needs CUDA tensors, got {t.device.type} tensors; on the CPU use backend '{cpu_backend}' "
+        "(or set TRITON_INTERPRET=1 before importing triton, for slow testing)"
+    )
+
+
 def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A contiguous buffer that a kernel fills completely (NaN first under ``POISON_OUTPUTS``)."""
     if POISON_OUTPUTS:

@@ -256,10 +256,12 @@ def tma_eligible(tensors: tuple[torch.Tensor, ...]) -> bool:
 
 
 def attention_kernel(
-    kind: str, fn, q: torch.Tensor, dropout: bool, tensors: tuple[torch.Tensor, ...]
+    kind: str, fn, q: torch.Tensor, dropout: bool, tensors: tuple[torch.Tensor, ...], documents: bool = False
 ) -> tuple[object, dict]:
     """The attention kernel ``fn`` (of ``kind``) to launch for queries ``q``, and the
-    meta-parameters it still needs. ``tensors``: every (B, H, T, D) tensor it reads or writes."""
+    meta-parameters it still needs. ``tensors``: every (B, H, T, D) tensor it reads or writes.
+    ``documents``: packed documents, which take the same candidates (every variant, TMA
+    included, applies the document mask) but are tuned apart from plain calls."""
     tma_ok = tma_eligible(tensors)
     if INTERPRET and not tuning.limited():  # no GPU timer for autotune: one fixed, small config
         block_m, block_n = INTERPRET_CONFIG[kind]
@@ -267,15 +269,16 @@ def attention_kernel(
         switches["TMA"] = switches["TMA"] and tma_ok
         return fn, dict(BLOCK_M=block_m, BLOCK_N=block_n, **switches)
     name, configs = _candidates(
-        kind, generation(q.device), q.shape[-1], q.dtype == torch.float32, dropout, tma_ok, _forced_variant
+        kind, generation(q.device), q.shape[-1], q.dtype == torch.float32, dropout, tma_ok, _forced_variant, documents
     )
     return tuning.autotuned(name, fn, configs, TUNE_KEY), {}
 
 
 @functools.cache
 def _candidates(
-    kind: str, gen: str, head_dim: int, fp32: bool, dropout: bool, tma_ok: bool, forced: str | None
-) -> tuple[str, list[triton.Config]]:
+    kind: str, gen: str, head_dim: int, fp32: bool, dropout: bool, tma_ok: bool, forced: str | None,
+    documents: bool = False,
+) -> tuple[str, list[triton.Config]]:  # fmt: skip
     """The autotuner's name for this kernel variant, and its candidate configs."""
     entries = attention_configs(gen, kind, head_dim, fp32, dropout)
     pointer_only = [e for e in entries if "TMA" not in VARIANTS[e[4]]]
@@ -289,7 +292,7 @@ def _candidates(
         triton.Config(dict(BLOCK_M=m, BLOCK_N=n, **variant_switches(kind, variant)), num_warps=w, num_stages=s)
         for m, n, w, s, variant in entries
     ]
-    tags = [f"D{head_dim}", "fp32" if fp32 else "16bit", gen] + ["dropout"] * dropout
+    tags = [f"D{head_dim}", "fp32" if fp32 else "16bit", gen] + ["dropout"] * dropout + ["documents"] * documents
     tags += ["no-tma"] if tma_dropped else []
     tags += [f"variant={forced}"] if forced else []
     return f"attn_{kind}[{','.join(tags)}]", configs

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from gptforge.kernels.triton.common import INTERPRET
+from gptforge.kernels.triton.common import off_gpu_refusal
 from gptforge.kernels.triton.configs import MAX_N
 from gptforge.kernels.triton.layer_norm_backward import backward
 from gptforge.kernels.triton.layer_norm_forward import forward
@@ -170,11 +170,9 @@ def add_layer_norm(
 def unsupported(fn: str, *tensors: torch.Tensor | None, **kwargs) -> str | None:
     """None when this backend can run the call, else one sentence saying why not."""
     x = tensors[0]
-    if x.device.type != "cuda" and not INTERPRET:
-        return (
-            f"triton needs CUDA tensors, got {x.device.type} tensors; on the CPU use backend 'torch' "
-            "(or set TRITON_INTERPRET=1 before importing triton, for slow testing)"
-        )
+    refusal = off_gpu_refusal(x, "torch")
+    if refusal is not None:
+        return refusal
     if x.shape[-1] > MAX_N:
         return (
             f"rows of {x.shape[-1]} elements exceed the {MAX_N} this backend accepts (it re-reads long "

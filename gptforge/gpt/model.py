@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 
 from gptforge import kernels
 from gptforge.gpt.config import GPTConfig
+from gptforge.gpt.documents import document_positions
 
 ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 
@@ -84,6 +85,12 @@ class Rotary(nn.Module):
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[start : start + length], self.sin[start : start + length]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The angles of per-token ``positions`` (B, T) (packed documents: each restarts at 0),
+        shaped (B, 1, T, D) to broadcast over the heads. A gather: forward's slice stays the
+        cheaper path when every row counts from the same start."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x`` (..., T, D) with its channel pairs (i, i + D/2) rotated by the angles whose cosines
@@ -105,7 +112,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, n_head, T, head_dim): q, k, v as views, no copies
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
@@ -123,8 +131,9 @@ class CausalSelfAttention(nn.Module):
             kv = cache.update(self.layer, kv)
         k, v = kv.unbind(0)
         # a single query (one decoding step) sees every key: no mask to build (the same result, faster)
-        causal = T > 1
-        y = kernels.attention(q, k, v, causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        causal = T > 1 or cu_seqlens is not None  # packed documents are always causal inside each
+        y = kernels.attention(q, k, v, causal=causal, dropout_p=self.dropout if self.training else 0.0,
+                              cu_seqlens=cu_seqlens)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -164,18 +173,32 @@ class Block(nn.Module):
         self.checkpointed = False  # recompute this block in the backward (GPT.set_activation_checkpointing)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if self.checkpointed and torch.is_grad_enabled() and cache is None:
             # inside forward, so that wrappers hooked onto the block (FSDP's all-gather) stay outside
             # the recomputed region; non-reentrant: works with torch.compile and keyword arguments
-            return torch.utils.checkpoint.checkpoint(self._forward, x, None, rope, use_reentrant=False)
-        return self._forward(x, cache, rope)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, None, rope, cu_seqlens, use_reentrant=False)
+        return self._forward(x, cache, rope, cu_seqlens)
 
     def _forward(self, x: torch.Tensor, cache: KVCache | None,
-                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        a = self.attn(self.ln_1(x), cache, rope)
+                 rope: tuple[torch.Tensor, torch.Tensor] | None,
+                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attn(self.ln_1(x), cache, rope, cu_seqlens)
         y, x = self.ln_2(a, residual=x)  # x = x + a; y = ln_2(x): one fused kernel where available
         return x + self.mlp(y)
+
+
+class LMHead(nn.Linear):
+    """The output layer (``nn.Linear`` without bias, same state_dict key). Given targets it
+    returns the loss instead of the logits, through ``kernels.linear_cross_entropy``, which
+    never holds the (B, T, vocab) logits. The loss is computed inside this module's forward so
+    that wrappers that gather a parameter around its module's forward (DeepSpeed ZeRO-3) see it."""
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return kernels.linear_cross_entropy(x, self.weight, targets)
 
 
 class GPT(nn.Module):
@@ -194,7 +217,7 @@ class GPT(nn.Module):
         )
         if config.rope:
             self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
@@ -220,35 +243,44 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         last_only: bool = False,
         cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids (B, T), and the mean cross-entropy if targets are given.
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (B, T, vocab), None) for token ids (B, T); given targets, (None, the mean
+        cross-entropy over the targets not at -100), computed without the logits
+        (``kernels.linear_cross_entropy``; choose its backend with ``use_backend(linear_cross_entropy=...)``).
 
         ``last_only`` computes logits for the last position only (generation needs no more).
         With a ``cache``, ``idx`` continues the cached tokens: its positions start at
         ``cache.length``, and its keys and values are added to the cache.
+        ``cu_seqlens`` packs documents into the rows (int32 offsets over the flattened B * T
+        tokens, as ``flash_attn_varlen_func`` takes them; see gptforge/gpt/documents.py): every
+        token attends within its own document only, and positions restart at 0 at each
+        document's start, so each document is computed as if it ran alone. Not with a cache.
         """
         B, T = idx.shape
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError("packed documents (cu_seqlens) are for training and evaluation, not with a KV cache")
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             cached = f" ({start} cached + {T} new)" if start else ""
             raise ValueError(f"sequence length {start + T}{cached} exceeds block_size {self.config.block_size}")
         x, rope = self.transformer.wte(idx), None
+        # packed documents: each token's position within its own document, (B, T), computed once
+        pos = document_positions(cu_seqlens, B, T) if cu_seqlens is not None else None
         if self.config.rope:
-            rope = self.rotary(start, T)
+            rope = self.rotary(start, T) if pos is None else self.rotary.at(pos)
         else:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device) if pos is None else pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache, rope)
+            x = block(x, cache, rope, cu_seqlens)
         if cache is not None:
             cache.length += T
         if last_only:  # LayerNorm and the head act per position: only the last one is needed
             return self.lm_head(self.transformer.ln_f(x[:, -1:, :] if T > 1 else x)), None
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        if targets is not None:  # the loss without the logits: (None, loss)
+            return None, self.lm_head(self.transformer.ln_f(x), targets)
+        return self.lm_head(self.transformer.ln_f(x)), None
 
     def set_dropout(self, p: float) -> None:
         """Use dropout rate ``p`` everywhere from now on (fine-tuning a model saved with another)."""

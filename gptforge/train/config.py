@@ -45,6 +45,8 @@ class TrainConfig:
     data_dir: str = opt("data", "where datasets are prepared and kept")
     input: str = opt("", "a local UTF-8 text file to train on, prepared as its own dataset")
     tokenizer: str = opt("", "the tokenizer; empty: the dataset's default", ("", "char", "gpt2"))
+    document_mask: bool = opt(False, "attend within documents only, positions restarting at each: a document "
+                              "ends with the tokenizer's end-of-text token (corpora from gptforge.data prepare)")
     # model: the fields of gpt.config.GPTConfig but vocab_size (the data's), with its defaults
     model: str = opt(GPTConfig.model, "the Transformer, or the lecture's bigram baseline", MODELS)
     n_layer: int = opt(GPTConfig.n_layer, "Transformer blocks")
@@ -153,6 +155,9 @@ class TrainConfig:
             raise ConfigError(f"seed must be from 0 to {SEED_LIMIT - 1}, got {self.seed}")
         if not -1 <= self.zero_stage <= 3:
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3 (or -1 for the default), got {self.zero_stage}")
+        if self.document_mask and self.model == "bigram":
+            raise ConfigError("--document_mask=true masks attention, and the bigram model has none; use "
+                              "--model=gpt or --document_mask=false")
         if self.deepspeed_config and self.strategy != "deepspeed":
             raise ConfigError("--deepspeed_config is only used with --strategy=deepspeed")
         try:

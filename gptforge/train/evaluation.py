@@ -21,14 +21,15 @@ def evaluate(
     strategy: Strategy,
     samplers: dict[str, BatchSampler],
     eval_iters: int,
-    batch: Callable[[BatchSampler, int, int], tuple[torch.Tensor, torch.Tensor]],
+    batch: Callable[[BatchSampler, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     stop_requested: Callable[[], bool],
 ) -> dict[str, float] | None:
     """Mean loss over eval_iters fixed batches of each split, shared out over the ranks: batch i
     goes to rank i % world_size. Every rank runs the same number of forwards (ZeRO-3 gathers
     weights collectively), padding with a repeated batch that is not counted. ``batch(sampler,
-    i, 0)`` gives batch i on the device. None when ``stop_requested()`` (asked between batches,
-    on every rank alike): a long evaluation does not hold up a preemption."""
+    i, 0)`` gives batch i on the device: inputs, targets and its packed documents (or None).
+    None when ``stop_requested()`` (asked between batches, on every rank alike): a long
+    evaluation does not hold up a preemption."""
     group, n, model = strategy.group, eval_iters, strategy.model
     model.eval()
     losses = {}
@@ -39,8 +40,8 @@ def evaluate(
                 model.train()
                 return None
             i = first + group.rank
-            x, y = batch(sampler, i % n, 0)
-            loss = strategy.eval_loss(x, y)
+            x, y, cu_seqlens = batch(sampler, i % n, 0)
+            loss = strategy.eval_loss(x, y, cu_seqlens)
             if i < n:
                 total += loss.double()
         losses[split] = group.all_reduce_sum(total).item() / n

@@ -86,17 +86,18 @@ class FSDPStrategy(Strategy):
         self.optimizer = self._optimizer(model, fused=True)  # over the shards: each rank updates its own
         self.scaler = RankAgreedGradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         # accumulate unsharded gradients until the step's last micro-batch: one reduce-scatter a
         # step, but meanwhile each rank holds the full gradients (in fp32)
         self.model.set_requires_gradient_sync(sync)
-        return super().forward(x, y)
+        return super().forward(x, y, cu_seqlens=cu_seqlens)
 
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if self.device.type == "cpu":  # the blocks themselves are compiled: run them eagerly (see Strategy)
             with self.eager():
-                return super().eval_loss(x, y)
-        return super().eval_loss(x, y)
+                return super().eval_loss(x, y, cu_seqlens)
+        return super().eval_loss(x, y, cu_seqlens)
 
     def eager(self) -> contextlib.AbstractContextManager:
         """Under --compile the model's blocks are compiled modules: evaluation on the CPU and

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from gptforge import kernels
 from gptforge.data import DataError, check_token_ids, ensure_prepared, load_meta, load_tokens
+from gptforge.gpt.documents import cu_seqlens_from_eot
 from gptforge.gpt.model import build_model
 from gptforge.gpt.tokenizer import TokenizerUnavailableError, tokenizer_from_meta
 from gptforge.train import checkpoint
@@ -123,6 +124,11 @@ class Trainer:
             self.log(f"--input {cfg.input}: dataset {cfg.dataset!r} in {data}")
         self.meta = load_meta(data)
         self.tokenizer = tokenizer_from_meta(self.meta["tokenizer"])
+        self.eot = self.tokenizer.eot_id if cfg.document_mask else None  # where documents end (--document_mask)
+        if cfg.document_mask and self.eot is None:
+            raise ConfigError(f"--document_mask=true finds documents by the end-of-text token, and the "
+                              f"{self.meta['tokenizer'].get('name')} tokenizer of dataset {cfg.dataset!r} has none: "
+                              "train on data prepared with one (gpt2, or a trained tokenizer) or --document_mask=false")
         train_tokens, val_tokens = load_tokens(data, "train"), load_tokens(data, "val")
         vocab_size = self.meta["vocab_size"]
         # ids beyond the vocabulary would index past the embedding: one pass over the data, on rank 0
@@ -171,11 +177,14 @@ class Trainer:
 
     # --- one step ---
 
-    def _batch(self, sampler: BatchSampler, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, sampler: BatchSampler, step: int, micro: int) -> tuple[torch.Tensor, ...]:
+        """Inputs, targets and (--document_mask) the packed documents' cu_seqlens, else None. These
+        are found on the CPU, before the copy: their count would otherwise wait for the GPU."""
         x, y = sampler.batch(step, micro)
+        batch = (x, y, None if self.eot is None else cu_seqlens_from_eot(x, self.eot))
         if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
+            return tuple(t if t is None else t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        return batch
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; returns its mean loss (on the device).
@@ -185,8 +194,9 @@ class Trainer:
         accum = strategy.accum_steps
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
-            x, y = self._batch(self.sampler, self.step, micro)
-            loss = strategy.forward(x, y, sync=micro == accum - 1)  # DDP reduces the last one's gradients only
+            x, y, cu_seqlens = self._batch(self.sampler, self.step, micro)
+            # DDP reduces the last one's gradients only
+            loss = strategy.forward(x, y, sync=micro == accum - 1, cu_seqlens=cu_seqlens)
             if self.faults.poison(number):
                 loss = loss * float("nan")
             strategy.backward(loss)

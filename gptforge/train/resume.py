@@ -43,6 +43,7 @@ FIXED_ON_RESUME = {
     "batch_size": "the batches and their order", "gradient_accumulation_steps": "the batches and their order",
     "seed": "the order of the batches", "activation": "the model", "rope": "the model's parameters",
     "qk_norm": "the model", "tie_embeddings": "the model's parameters", "optimizer": "the optimizer state",
+    "document_mask": "what the model attends to",
 }  # fmt: skip
 FROM_THIS_COMMAND = ("out_dir", "resume", "overwrite")  # where and how to continue, not what
 NOT_REPORTED = {*FROM_THIS_COMMAND, "init_from"}

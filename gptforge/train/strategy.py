@@ -7,7 +7,8 @@
 
 The training loop (gptforge/train/loop.py) runs one step the same way whatever the strategy:
 
-    for each micro-batch:  loss = strategy.forward(x, y, sync=last); strategy.backward(loss)
+    for each micro-batch:  loss = strategy.forward(x, y, sync=last, cu_seqlens=documents or None)
+                           strategy.backward(loss)
     grad_norm = strategy.clip_gradients()         # before any update: the loop votes on NaN here
     strategy.optimizer_step(lr, skip=nonfinite)   # the one place weights change
 
@@ -38,6 +39,16 @@ from gptforge.train.deepspeed_config import deepspeed_config, read_user_config
 from gptforge.train.device import DTYPES, autocast, pick_device, pick_dtype
 from gptforge.train.distributed import ProcessGroup, TorchGroup, per_rank_accum
 from gptforge.train.optim import Optimizers, build_optimizer
+
+
+def documents(cu_seqlens: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The model's keyword for a batch's packed documents; none without (the bigram model takes
+    none). Their count varies from batch to batch: marked dynamic, so torch.compile traces one
+    graph for any count instead of recompiling when the second batch brings another."""
+    if cu_seqlens is None:
+        return {}
+    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+    return {"cu_seqlens": cu_seqlens}
 
 
 class Strategy:
@@ -89,18 +100,20 @@ class Strategy:
         """Where the model computes in the training precision (bf16/fp16 autocast; fp32: nothing)."""
         return autocast(self.device, self.dtype)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """The mean loss of one training micro-batch. ``sync=False``: its gradients may stay on
-        this rank until a later micro-batch's (the last of a step) are reduced."""
+        this rank until a later micro-batch's (the last of a step) are reduced. ``cu_seqlens``:
+        the batch's packed documents (--document_mask; gptforge/gpt/documents.py)."""
         with self.autocast():
-            return self.train_module(x, y)[1]
+            return self.train_module(x, y, **documents(cu_seqlens))[1]
 
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """The mean loss of one evaluation batch (no gradients are reduced). Eager on the CPU even
         under --compile: a second graph (no grad, eval mode) would cost another compile, which on the
         CPU takes longer than every evaluation of a short run together. Compiled on CUDA."""
         with self.autocast():
-            return (self.compiled if self.device.type == "cuda" else self.model)(x, y)[1]
+            return (self.compiled if self.device.type == "cuda" else self.model)(x, y, **documents(cu_seqlens))[1]
 
     def eager(self) -> contextlib.AbstractContextManager:
         """Where ``self.model`` runs uncompiled (sampling): it is the plain model here already."""
@@ -275,10 +288,11 @@ class DDPStrategy(Strategy):
         self.train_module = torch.nn.parallel.DistributedDataParallel(self.compiled, device_ids=device_ids,
                                                                       broadcast_buffers=False)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         # what no_sync() sets: read by this forward and by the backward that follows it
         self.train_module.require_backward_grad_sync = sync
-        return super().forward(x, y)
+        return super().forward(x, y, cu_seqlens=cu_seqlens)
 
 
 class DeepSpeedStrategy(Strategy):

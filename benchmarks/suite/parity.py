@@ -11,6 +11,7 @@ quick grid, most important first, since the stage stops between two cases when i
    against 300 keys);
 2. LayerNorm and add+LayerNorm as autocast runs them (bf16 activations, fp32 parameters, the
    residual stream in fp32 or bf16), N 768, 1600, 4096;
+   then packed documents (cu_seqlens) at T 1024, each candidate, and each variant at D 64;
 3. the cases of 1 for every kernel variant this GPU's lists hold (the attention stage races
    them), each forced with its first config;
 4. attention non-causal in bf16; then fp16 and fp32, causal and not; LayerNorm fp16 and fp32.
@@ -56,8 +57,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def attention_case(stage: Stage, B: int, H: int, T_q: int, T_k: int, D: int, causal: bool, dtype: torch.dtype,
-                   model_layout: bool = False, config: str = "") -> None:  # fmt: skip
-    """Output, dq, dk, dv of the triton backend against the float64 reference."""
+                   model_layout: bool = False, config: str = "", lengths: list[int] | None = None) -> None:  # fmt: skip
+    """Output, dq, dk, dv of the triton backend against the float64 reference; ``lengths``:
+    packed documents of these lengths (filling the B * T tokens), as ``cu_seqlens``."""
     def fresh(*shape: int) -> torch.Tensor:
         t = torch.randn(*shape, device=stage.device)
         if model_layout:  # stored (B, T, H, D) as the model's projections leave it, viewed (B, H, T, D)
@@ -66,15 +68,17 @@ def attention_case(stage: Stage, B: int, H: int, T_q: int, T_k: int, D: int, cau
 
     q, k, v = (fresh(B, H, t, D).requires_grad_() for t in (T_q, T_k, T_k))
     do = fresh(B, H, T_q, D)
-    out = kernels.attention(q, k, v, causal=causal, backend="triton")
+    cu = None if lengths is None else torch.tensor([0, *lengths], device=stage.device).cumsum(0).to(torch.int32)
+    out = kernels.attention(q, k, v, causal=causal, backend="triton", cu_seqlens=cu)
     grads = torch.autograd.grad(out, (q, k, v), do)
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out64 = reference.attention(q64, k64, v64, causal, 0.0, 1.0 / math.sqrt(D))
+    out64 = reference.attention(q64, k64, v64, causal, 0.0, 1.0 / math.sqrt(D), cu_seqlens=cu)
     grads64 = torch.autograd.grad(out64, (q64, k64, v64), do.double())
 
     group = f"attention {_dtype_name(dtype)} D{D}"
     case = f"B{B} H{H} Tq{T_q} Tk{T_k} {'causal' if causal else 'full'}{' model layout' if model_layout else ''}"
+    case += f" {len(lengths)} packed documents" if lengths else ""
     tolerance = attention_tolerance(dtype, stage.cuda)
     for what, actual, expected in zip(("out", "dq", "dk", "dv"), (out, *grads), (out64, *grads64), strict=True):
         stage.check(group, f"{case} {what}", relative_error(actual, expected), tolerance, note=config)
@@ -152,6 +156,20 @@ def grid(stage: Stage) -> list[tuple[str, Callable[[], None]]]:
                                                                                        param_dtype, r)))  # fmt: skip
 
     attention(BF16, True, range(TUNING_CANDIDATES), shapes)  # the training path, every candidate
+    # packed documents (bf16, causal): boundaries on and off the tiles' edges, documents of one
+    # token, a row holding one document; every candidate, then every variant at the first D
+    packed = (1, 2, 17, [1, 5, 11]) if stage.rehearse else (2, 4, 1024, [1, 127, 128, 3, 300, 465, 1024])
+    for variant in [None, *configs.race_variants(configs.generation(torch.device(stage.device)))]:
+        for candidate in range(TUNING_CANDIDATES) if variant is None else range(1):
+            for D in head_dims if variant is None else head_dims[:1]:
+
+                def case(D=D, variant=variant, candidate=candidate, B_H_T_lengths=packed) -> None:
+                    B, H, T, lengths = B_H_T_lengths
+                    with configs.force_variant(variant), tuning.only_candidate(candidate):
+                        attention_case(stage, B, H, T, T, D, True, BF16, not stage.rehearse,
+                                       f"{variant or 'candidate'} {candidate}", lengths)  # fmt: skip
+
+                cases.append((f"attention bf16 packed documents D{D} {variant or 'candidate'} {candidate}", case))
     layer_norm(BF16, FP32, (None, FP32, BF16))  # as autocast runs it
     for variant in configs.race_variants(configs.generation(torch.device(stage.device))):
         for D in head_dims:

@@ -16,7 +16,8 @@ LayerNorm (stage d): LayerNorm and the fused residual add + LayerNorm, 16k rows 
 and as a share of the copy bandwidth the card stage measured. The peer: ``F.layer_norm``
 (after ``x + residual`` for the fused op).
 
-Packed documents race padding first (benchmarks/suite/documents_bench.py).
+Packed documents race padding first (benchmarks/suite/documents_bench.py); stage d opens with the
+fused linear + cross-entropy against the materialised loss (benchmarks/suite/loss_bench.py).
 
 Every backend is warmed up (compiled, autotuned) before any timing, and the backends of one
 shape are timed in interleaved rounds (stage.py).
@@ -32,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import attention_flops, ln_bytes
 from benchmarks.suite.documents_bench import run_packed_attention
+from benchmarks.suite.loss_bench import run_fused_loss
 from benchmarks.suite.stage import Stage
 from gptforge import kernels
 from gptforge.kernels.triton import configs
@@ -178,6 +180,7 @@ def _no_grad(fn: Callable, *args):
 
 
 def run_layer_norm(stage: Stage) -> None:
+    run_fused_loss(stage, _warm)  # the other row-wise op first: the fused loss against the materialised one
     rows, widths = (16384, (768, 1024, 1600, 4096)) if stage.cuda else (64, (128,))
     copy_ceiling = stage.ceiling("copy")
     if copy_ceiling is None:

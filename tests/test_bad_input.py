@@ -51,6 +51,23 @@ def bad_inputs(data_dir, tmp_path_factory) -> dict[str, Path]:
     meta = json.loads((good / "meta.json").read_text())
     (data_dir / "badvocab" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 10}))
     (data_dir / "nobin" / "train.bin").unlink()
+    for name, change in (("notrain", lambda m: m.pop("train_tokens")),
+                         ("textvocab", lambda m: m.update(vocab_size="65"))):
+        changed = dict(meta)
+        change(changed)
+        shutil.copytree(good, data_dir / name)
+        (data_dir / name / "meta.json").write_text(json.dumps(changed))
+    shard = dict(file="train_000000.bin", tokens=100, max_token_id=64, sha256="0" * 64)
+    manifest = dict(format="gpt-token-shards", format_version=1, dtype="uint16", vocab_size=65, max_token_id=64,
+                    tokenizer=meta["tokenizer"], inputs=[], splits=dict(train=dict(tokens=100, shards=[shard]),
+                                                                        val=dict(tokens=100, shards=[shard])))
+    for name, change in (("novocab", lambda m: m.pop("vocab_size")),
+                         ("nocount", lambda m: m["splits"]["val"]["shards"][0].pop("tokens")),
+                         ("outside", lambda m: m["splits"]["train"]["shards"][0].update(file="../x.bin"))):
+        changed = json.loads(json.dumps(manifest))
+        change(changed)
+        (data_dir / name).mkdir()
+        (data_dir / name / "manifest.json").write_text(json.dumps(changed))
     tiny = root / "tiny.txt"
     tiny.write_text("To be, or not to be, that is the question. " * 6)  # val split: 26 characters
     prepare("tiny", data_dir, input_path=tiny)
@@ -111,12 +128,26 @@ BAD_INPUT = [  # (name, flags, what stderr must say); {root} and {data} are fill
      "this command changes n_embd 32 -> 64 (the model's shape)"),
     ("other tokenizer", ["--tokenizer=gpt2"], "was prepared with the char tokenizer, not gpt2"),
     ("missing data file", ["--dataset=nobin"], "nobin/train.bin is missing"),
+    # a malformed meta.json or manifest: the file and the field
+    ("meta.json without a field", ["--dataset=notrain"], "{data}/notrain/meta.json lacks train_tokens"),
+    ("meta.json field of another type", ["--dataset=textvocab"],
+     "{data}/textvocab/meta.json: the field vocab_size is str, not int"),
+    ("manifest without a field", ["--dataset=novocab"],
+     "{data}/novocab/manifest.json lacks the field vocab_size; the manifest is damaged; prepare the dataset again"),
+    ("manifest shard without a field", ["--dataset=nocount"],
+     "{data}/nocount/manifest.json lacks the field splits.val.shards[0].tokens"),
+    ("manifest shard outside its folder", ["--dataset=outside"],
+     "{data}/outside/manifest.json: the field splits.train.shards[0].file is '../x.bin', not a file name"),
     ("missing input file", ["--dataset=mine", "--input={root}/none.txt"], "input file not found"),
     ("unreadable deepspeed config", ["--strategy=deepspeed", "--deepspeed_config={root}/none.json"],
      "--deepspeed_config {root}/none.json: cannot read it"),
     ("unsupported dtype", ["--dtype=fp8"], "dtype must be one of auto, bf16, fp16, fp32; got 'fp8'"),
     ("unknown backend", ["--attn_backend=fast"], "attn_backend must be one of auto, torch, sdpa, flash_attn, triton"),
     ("no cuda here", ["--device=cuda"], "this machine has no CUDA device"),
+    ("a second cpu", ["--device=cpu:1"], "device 'cpu:1' does not exist: the CPU is one device; use cpu"),
+    ("a cuda index that is no number", ["--device=cuda:abc"],
+     "device must be auto, cpu, cuda or cuda:N; got 'cuda:abc'"),
+    ("an unknown device", ["--device=tpu"], "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
     ("kernel backend unavailable", ["--attn_backend=flash_attn"], "attention backend 'flash_attn' cannot run on cpu"),
     ("nothing to resume", ["--out_dir={root}/empty", "--resume"], "no usable checkpoint"),
     ("bad resume mode", ["--resume=sometimes"], "resume must be one of false, true, auto; got 'sometimes'"),
@@ -152,6 +183,13 @@ BAD_INPUT = [  # (name, flags, what stderr must say); {root} and {data} are fill
     *[(f"NaN {key}", [f"--{key}=nan"], f"{key} must be a finite number, got nan")
       for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "dropout")],
     ("infinite learning_rate", ["--learning_rate=inf"], "learning_rate must be a finite number, got inf"),
+    ("infinite count", ["--max_iters=inf"], "--max_iters expects int, got 'inf'"),
+    ("NaN count", ["--eval_iters=nan"], "--eval_iters expects int, got 'nan'"),
+    ("count in floating point", ["--batch_size=1e30"], "--batch_size expects int, got '1e30'"),
+    ("count past an int64", ["--max_iters=99999999999999999999"],
+     "max_iters must be at most 9,223,372,036,854,775,807 in size, got 99999999999999999999"),
+    ("size past an int64", ["--n_embd=-99999999999999999999"],
+     "n_embd must be at most 9,223,372,036,854,775,807 in size, got -99999999999999999999"),
     ("negative seed", ["--seed=-1"], "seed must be from 0 to 4294967295, got -1"),
     ("seed too large", ["--seed=4294967296"], "seed must be from 0 to 4294967295, got 4294967296"),
     # out_dir that cannot be written
@@ -493,6 +531,11 @@ def test_sample_refuses_bad_arguments_and_damaged_checkpoints(bad_inputs, capsys
                           (["--top_p=nan"], "--top_p must be in (0, 1], got nan"),
                           (["--device=cuda"], "this machine has no CUDA device"),
                           (["--device=tpu"], "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
+                          (["--device=cpu:1"], "device 'cpu:1' does not exist"),
+                          (["--num_samples=99999999999999999999"],
+                           "--num_samples must be at most 9,223,372,036,854,775,807 (an int64)"),
+                          (["--seed=99999999999999999999"],
+                           "--seed must be from 0 to 18446744073709551615, got 99999999999999999999"),
                           (["--prompt=Z~"], "does not know: '~'")):  # fmt: skip
         if "cuda" in args[0] and torch.cuda.is_available():
             continue

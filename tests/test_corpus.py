@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from gptforge.data import DataError, check_token_ids, corpus, load_meta, load_tokens
-from gptforge.data.errors import CorpusError
+from gptforge.data.errors import BadDocumentError, CorpusError
 from gptforge.data.inputs import describe_inputs, expand_inputs, iter_raw_documents, parse_document
 from gptforge.data.shards import (
     FORMAT,
@@ -303,6 +303,41 @@ def test_cli_errors_are_one_line(tmp_path, corpus_dir):
         ensure_prepared("p", tmp_path, input_path=str(corpus_dir / "a.jsonl"))
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--shard_tokens", "inf", "expected a finite count like 100M, 2G or 50000, got 'inf'"),
+    ("--shard_tokens", "nan", "expected a finite count like 100M, 2G or 50000, got 'nan'"),
+    ("--shard_tokens", "infG", "expected a finite count like 100M, 2G or 50000, got 'infG'"),
+    ("--shard_tokens", "1e30", "expected a count of at most 9,223,372,036,854,775,807 (an int64), got '1e30'"),
+    ("--shard_tokens", "9223372036854775808", "expected a count of at most 9,223,372,036,854,775,807"),
+    ("--shard_tokens", "2.5", "expected a positive whole count, got '2.5'"),
+    ("--workers", "0", "expected 1 to 1024 processes, got '0'"),
+    ("--workers", "99999999999999999999", "expected 1 to 1024 processes, got '99999999999999999999'"),
+    ("--workers", "inf", "expected a whole number of processes, got 'inf'"),
+])  # fmt: skip
+def test_counts_at_their_limits_are_one_line(tmp_path, corpus_dir, capsys, flag, value, message):
+    from gptforge.data.cli import main as data_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        data_main(["prepare", "--input", str(corpus_dir / "*"), "--dataset", "x", "--data_dir", str(tmp_path / "d"),
+                   flag, value])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and f"{flag}: {message}" in err, err
+    assert not (tmp_path / "d").exists()
+
+
+def test_vocab_size_counts_at_their_limits_are_one_line(tmp_path, corpus_dir, capsys):
+    from gptforge.data.cli import main as data_main
+
+    for value in ("inf", "nan", "1e30"):
+        with pytest.raises(SystemExit) as exit_:
+            data_main(["tokenizer", "--input", str(corpus_dir / "*.jsonl"), "--kind", "bpe", "--vocab_size", value,
+                       "--out", str(tmp_path / "tok")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and "--vocab_size: expected a" in err, err
+    assert not (tmp_path / "tok").exists()
+
+
 @pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
 def test_a_tokenizer_trained_on_the_corpus_prepares_trains_samples_and_exports(tmp_path, kind):
     """python -m gptforge.data tokenizer, then prepare with it, train, sample (gpt.sample) and export
@@ -350,10 +385,13 @@ def test_every_input_kind_reads_its_documents(tmp_path):
     data = ("\n".join(lines) + "\n\n").encode()  # a blank line is no document
     (tmp_path / "a.jsonl").write_bytes(data)
     (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    cut = len(data) // 2  # two frames, as pzstd and concatenated files have: both are read
+    (tmp_path / "b.jsonl.zst").write_bytes(b"".join(zstandard.ZstdCompressor().compress(p)
+                                                    for p in (data[:cut], data[cut:])))
     with gzip.open(tmp_path / "a.jsonl.gz", "wb") as f:
         f.write(data)
     want = [(1, lines[0].encode() + b"\n"), (2, lines[1].encode() + b"\n"), (3, lines[2].encode() + b"\n")]
-    for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.zst"):
+    for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "b.jsonl.zst"):
         got = list(iter_raw_documents(tmp_path / name, "text"))
         assert got == want, name
         assert [parse_document("jsonl", raw, "text") for _, raw in got] == ["first", "second\nline",
@@ -368,10 +406,26 @@ def test_every_input_kind_reads_its_documents(tmp_path):
     ("jsonl", b'{"body": "x"}', "no 'text' field"),
     ("jsonl", b'{"text": 7}', "the 'text' field is int, not text"),
     ("parquet", None, "the 'text' field is NoneType, not text"),
+    ("parquet", 7, "the 'text' field is int, not text"),
+    ("parquet", b"bytes", "the 'text' field is bytes, not text"),
 ])  # fmt: skip
 def test_bad_documents_say_why(kind, raw, why):
     with pytest.raises(ValueError, match=why):
         parse_document(kind, raw, "text")
+
+
+def test_a_parquet_column_of_numbers_is_bad_documents(tmp_path):
+    """Not a TypeError: each row is a bad document, reported with its file and row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "in"
+    root.mkdir()
+    pq.write_table(pa.table({"text": ["some text"] * 3, "n": [1, 2, 3]}), root / "a.parquet")
+    with pytest.raises(BadDocumentError, match=r"bad document at .*a.parquet:1: the 'n' field is int, not text"):
+        prepare(root, tmp_path / "out", text_field="n", on_bad="stop")
+    with pytest.raises(CorpusError, match="the train split is empty"):  # all three skipped
+        prepare(root, tmp_path / "out2", text_field="n")
 
 
 class Killed(Exception):
@@ -436,6 +490,22 @@ def test_unreadable_inputs_and_overlapping_splits_are_refused(tmp_path, corpus_d
     cut.write_bytes((corpus_dir / "b.jsonl.gz").read_bytes()[:2000])  # a download cut short
     with pytest.raises(CorpusError, match=r"cut.jsonl.gz cannot be read after document \d+ \(EOFError"):
         list(iter_raw_documents(cut, "text"))
+    import zstandard
+
+    whole = zstandard.ZstdCompressor().compress((corpus_dir / "a.jsonl").read_bytes())
+    for end in (len(whole) - 1, len(whole) // 2, 10):  # cut in the last block, in the middle, in the header
+        zst = tmp_path / "zst" / "cut.jsonl.zst"
+        zst.parent.mkdir(exist_ok=True)
+        zst.write_bytes(whole[:end])
+        with pytest.raises(CorpusError, match=r"cut.jsonl.zst cannot be read after document \d+ \(EOFError: the file "
+                                              r"ends inside a zstd frame: it was cut short\)"):
+            list(iter_raw_documents(zst, "text"))
+    from gptforge.data.cli import main as data_main
+
+    before = sorted(tmp_path.rglob("*"))
+    assert data_main(["tokenizer", "--input", str(tmp_path / "zst" / "*"), "--kind", "bpe", "--vocab_size", "300",
+                      "--out", str(tmp_path / "tok")]) == 1  # fmt: skip
+    assert sorted(tmp_path.rglob("*")) == before  # the tokenizer is not trained on what came before the cut
     inputs = expand_inputs(str(corpus_dir / "*.jsonl"))
     with pytest.raises(CorpusError, match="is in both --input and --val_input"):
         corpus.prepare_corpus(tmp_path / "x", inputs, GPT2Tokenizer().to_meta(), val_inputs=inputs)

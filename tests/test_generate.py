@@ -10,7 +10,15 @@ import torch
 
 from gptforge import kernels
 from gptforge.gpt.config import GPTConfig
-from gptforge.gpt.generate import _held_back, check_sampling, generate, generate_text, generate_tokens, pick_next
+from gptforge.gpt.generate import (
+    GREEDY_BELOW,
+    _held_back,
+    check_sampling,
+    generate,
+    generate_text,
+    generate_tokens,
+    pick_next,
+)
 from gptforge.gpt.model import GPT, BigramLanguageModel, KVCache, unwrap
 from gptforge.gpt.tokenizer import CharTokenizer
 
@@ -213,7 +221,9 @@ def test_bad_arguments_are_refused_before_the_first_token_is_asked_for():
     for setting, message in ((dict(top_k=0), "top_k must be >= 1, got 0"),
                              (dict(top_p=float("nan")), "top_p must be in (0, 1], got nan"),
                              (dict(max_new_tokens=-1), "max_new_tokens must be >= 0, got -1"),
-                             (dict(num_samples=0), "num_samples must be >= 1, got 0")):  # fmt: skip
+                             (dict(num_samples=0), "num_samples must be >= 1, got 0"),
+                             (dict(max_new_tokens=2**63), "max_new_tokens must be at most 9,223,372,036,854,775,807"),
+                             (dict(num_samples=2**70), "num_samples must be at most 9,223,372,")):  # fmt: skip
         with pytest.raises(ValueError, match="^" + re.escape("--" + message)):
             check_sampling(**setting, flag="--")
     with pytest.raises(ValueError, match="top_k must be >= 1"):
@@ -245,6 +255,14 @@ def test_decoding_runs_in_inference_mode_except_under_deepspeed_zero3():
 def test_a_tiny_temperature_is_nearly_greedy_and_non_finite_logits_are_refused():
     logits = torch.tensor([[-3.0, -1.0, -2.0], [5.0, 7.0, 6.5]])
     assert pick_next(logits, temperature=1e-39).tolist() == [[1], [1]]  # no overflow into NaN
+    # below GREEDY_BELOW float32 rounds the temperature to 0 (0 / 0 is NaN): greedy, drawing nothing
+    generator = torch.Generator().manual_seed(0)
+    for tiny in (GREEDY_BELOW / 2, 1e-46, 5e-324):
+        assert pick_next(logits, temperature=tiny, generator=generator).tolist() == [[1], [1]]
+    assert generator.initial_seed() == 0 and torch.equal(generator.get_state(),
+                                                         torch.Generator().manual_seed(0).get_state())
+    model, prompt = small_gpt(), torch.tensor([[1, 2, 3]])
+    assert torch.equal(generate(model, prompt, 8, temperature=1e-46), generate(model, prompt, 8, temperature=0))
     with pytest.raises(ValueError, match="finite logits"):
         pick_next(torch.tensor([[0.0, float("nan"), 1.0]]))
     with pytest.raises(ValueError, match="finite logits"):

@@ -16,6 +16,7 @@ one line on stderr: exit status 1, or 2 for a bad document under --on_bad=stop.
 from __future__ import annotations
 
 import argparse
+import decimal
 import logging
 import sys
 from collections.abc import Iterator
@@ -43,16 +44,35 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 CORPUS_FLAGS = ("val_fraction", "val_input", "workers", "shard_tokens", "text_field", "on_bad")
 
 
+COUNT_LIMIT = 2**63 - 1  # an int64: what numpy and torch count and index with
+MAX_WORKERS = 1024  # processes; far more than any machine has cores
+
+
 def parse_count(text: str) -> int:
-    """``100M``, ``2.5G``, ``50K`` or a plain integer."""
+    """``100M``, ``2.5G``, ``50K`` or a plain integer, from 1 to COUNT_LIMIT (never inf or nan)."""
     scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:].upper(), 1)
     try:
-        value = float(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
+        value = decimal.Decimal(text[:-1] if scale > 1 else text) * scale  # exact: no float rounding
+    except (decimal.InvalidOperation, ValueError):
         raise argparse.ArgumentTypeError(f"expected a count like 100M, 2G or 50000, got {text!r}") from None
+    if not value.is_finite():
+        raise argparse.ArgumentTypeError(f"expected a finite count like 100M, 2G or 50000, got {text!r}")
     if value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"expected a positive whole count, got {text!r}")
+    if value > COUNT_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a count of at most {COUNT_LIMIT:,} (an int64), got {text!r}")
     return int(value)
+
+
+def parse_workers(text: str) -> int:
+    """A number of tokenizing processes: 1 to MAX_WORKERS."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, got {text!r}") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_WORKERS} processes, got {text!r}")
+    return value
 
 
 def corpus_tokenizer(name: str | None) -> dict:
@@ -161,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", default="data", help="where dataset folders go (default: data)")
     g = p.add_argument_group("corpora (token shards; see gptforge/data/corpus.py)")
     g.add_argument("--text_field", help="the JSON field or Parquet column with the text (default: text)")
-    g.add_argument("--workers", type=int, help="tokenizing processes (default: 1)")
+    g.add_argument("--workers", type=parse_workers, help=f"tokenizing processes, 1 to {MAX_WORKERS} (default: 1)")
     g.add_argument("--shard_tokens", type=parse_count, help="tokens per shard, e.g. 100M (the default)")
     g.add_argument("--val_fraction", type=float, help="share of the documents in val (default: 0.01)")
     g.add_argument("--val_input", help="take val from these files instead (a glob)")

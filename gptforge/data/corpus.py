@@ -152,7 +152,7 @@ def _prepare(folder: Path, inputs: list[Path], tokenizer_meta: dict, val_inputs:
             for line, raw in iter_raw_documents(path, text_field):
                 if index >= resume[split_of(index, file_split)][0]:
                     batch.append((index, line, raw))
-                    size += len(raw) if raw is not None else 0
+                    size += len(raw) if isinstance(raw, (bytes, str)) else 0  # a null, a number: bad documents
                     if size >= BATCH_BYTES:
                         yield kind, text_field, dtype, path, file_split, batch
                         batch, size = [], 0

@@ -210,6 +210,11 @@ def load_meta(folder: str | Path) -> dict[str, Any]:
     missing = [key for key in required if not isinstance(meta, dict) or key not in meta]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}; delete {folder} and {hint}")
+    for key in required:  # bool is an int to Python, never to a meta.json
+        kind = dict if key in ("tokenizer", "source") else int
+        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
+            raise DataError(f"{path}: the field {key} is {type(meta[key]).__name__}, not {kind.__name__}; delete "
+                            f"{folder} and {hint}")
     if meta["format_version"] != FORMAT_VERSION:
         raise DataError(f"{path} has format version {meta['format_version']}, this code reads {FORMAT_VERSION}; {hint}")
     return meta

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob as globlib
 import gzip
+import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -55,10 +56,45 @@ def _open_lines(path: Path) -> Iterable[bytes]:
             import zstandard
         except ImportError:
             raise CorpusError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
-        import io
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+        return io.BufferedReader(_ZstdReader(path, zstandard.ZstdDecompressor()), buffer_size=1 << 20)
     return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst file's bytes, every frame of it, read to its verified end: an EOFError where the
+    file ends inside a frame (zstandard's stream_reader ends there quietly, and after its first
+    frame unless told otherwise)."""
+
+    def __init__(self, path: Path, dctx) -> None:
+        self._file, self._dctx = open(path, "rb"), dctx
+        self._frame, self._in_frame = dctx.decompressobj(), False  # in_frame: fed a frame whose end is unseen
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._out):
+            data = self._file.read(1 << 20)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame: it was cut short")
+                return 0
+            pieces = []
+            while data:
+                pieces.append(self._frame.decompress(data))
+                self._in_frame, data = True, b""
+                if self._frame.eof:  # the frame is complete: what follows is the next frame
+                    data, self._frame, self._in_frame = self._frame.unused_data, self._dctx.decompressobj(), False
+            self._out, self._pos = b"".join(pieces), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def iter_raw_documents(path: Path, text_field: str) -> Iterator[tuple[int, bytes | str]]:

@@ -126,7 +126,41 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CorpusError(f"{path} has format version {manifest.get('format_version')}, this code reads "
                           f"{FORMAT_VERSION}; prepare the dataset again")
+    _check_fields(path, manifest)
     return manifest
+
+
+def _field(path: Path, record: object, key: str, kind: type, where: str = "") -> Any:
+    """``record[key]``, a ``kind``; else a CorpusError naming the manifest and the field."""
+    damaged = "the manifest is damaged; prepare the dataset again"
+    if not isinstance(record, dict):
+        raise CorpusError(f"{path}: {where.rstrip('.')} is {type(record).__name__}, not an object; {damaged}")
+    if key not in record:
+        raise CorpusError(f"{path} lacks the field {where}{key}; {damaged}")
+    value = record[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CorpusError(f"{path}: the field {where}{key} is {type(value).__name__}, not {kind.__name__}; {damaged}")
+    return value
+
+
+def _check_fields(path: Path, manifest: dict) -> None:
+    """Every field a start or ``verify`` reads, present and of its type (a few dozen shards: microseconds)."""
+    for key, kind in (("dtype", str), ("vocab_size", int), ("max_token_id", int), ("tokenizer", dict),
+                      ("inputs", list), ("splits", dict)):
+        _field(path, manifest, key, kind)
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        raise CorpusError(f"{path}: the field dtype is {manifest['dtype']!r}, not uint16 or uint32; the manifest is "
+                          "damaged; prepare the dataset again")
+    for split in ("train", "val"):
+        entry = _field(path, manifest["splits"], split, dict, "splits.")
+        _field(path, entry, "tokens", int, f"splits.{split}.")
+        for i, shard in enumerate(_field(path, entry, "shards", list, f"splits.{split}.")):
+            where = f"splits.{split}.shards[{i}]."
+            for key, kind in (("file", str), ("tokens", int)):  # verify reports a sha256 that is missing
+                _field(path, shard, key, kind, where)
+            if Path(shard["file"]).name != shard["file"] or shard["file"] in ("", ".", ".."):
+                raise CorpusError(f"{path}: the field {where}file is {shard['file']!r}, not a file name in its "
+                                  "folder; the manifest is damaged; prepare the dataset again")
 
 
 def open_split(folder: str | Path, split: str) -> ShardedTokens:

@@ -32,6 +32,11 @@ import torch.nn as nn
 from gptforge.gpt.model import GPT, KVCache, unwrap
 from gptforge.gpt.tokenizer_base import Tokenizer
 
+# a temperature below this is greedy decoding: float32 logits cannot be divided by it (it is
+# float32's smallest normal number, rounded down; much below, it rounds to 0 and gives NaN)
+GREEDY_BELOW = 1e-38
+COUNT_LIMIT = 2**63 - 1  # an int64: the most a tensor's size or a count can hold
+
 
 def check_sampling(
     temperature: float = 1.0,
@@ -53,6 +58,9 @@ def check_sampling(
         raise ValueError(f"{flag}max_new_tokens must be >= 0, got {max_new_tokens}")
     if num_samples < 1:
         raise ValueError(f"{flag}num_samples must be >= 1, got {num_samples}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_samples", num_samples)):
+        if value > COUNT_LIMIT:
+            raise ValueError(f"{flag}{name} must be at most {COUNT_LIMIT:,} (an int64), got {value}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -79,12 +87,12 @@ def pick_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The next token id (B, 1) for each row of ``logits`` (B, vocab). Temperature 0 or
-    top_k 1 is greedy (argmax), and draws nothing from ``generator``."""
+    """The next token id (B, 1) for each row of ``logits`` (B, vocab). Temperature 0 (or below
+    GREEDY_BELOW) or top_k 1 is greedy (argmax), and draws nothing from ``generator``."""
     logits = logits.float()
     top = logits.amax(-1, keepdim=True)
     _check_finite(top)  # a NaN anywhere in a row makes the row's max NaN
-    if temperature == 0 or top_k == 1:
+    if temperature < GREEDY_BELOW or top_k == 1:
         return logits.argmax(-1, keepdim=True)
     # the row's largest logit becomes 0 before scaling, so no temperature can overflow it
     probs = filter_logits((logits - top) / temperature, top_k, top_p).softmax(-1)
@@ -183,11 +191,11 @@ def generate(
 ) -> torch.Tensor:
     """Extend the token ids ``idx`` (B, T) by up to ``max_new_tokens`` sampled tokens.
 
-    ``temperature`` 0 (or ``top_k`` 1) means greedy decoding. The context slides past the
-    model's block_size, so any length of prompt and output works. Rows are prompts of the
-    same length (pad or group prompts of different lengths yourself). With ``stop`` (token
-    ids), generation ends early once every row has produced that sequence among its new
-    tokens; rows are returned whole (use ``generate_text`` for trimmed text).
+    ``temperature`` 0 (or below GREEDY_BELOW, or ``top_k`` 1) means greedy decoding. The
+    context slides past the model's block_size, so any length of prompt and output works. Rows
+    are prompts of the same length (pad or group prompts of different lengths yourself). With
+    ``stop`` (token ids), generation ends early once every row has produced that sequence among
+    its new tokens; rows are returned whole (use ``generate_text`` for trimmed text).
     """
     stop = list(stop) if stop else None
     new: list[torch.Tensor] = []

@@ -40,6 +40,8 @@ def check_args(args: argparse.Namespace) -> None:
     from gptforge.gpt.generate import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples, flag="--")
+    if not 0 <= args.seed < 2**64:  # what torch.Generator takes
+        raise ValueError(f"--seed must be from 0 to {2**64 - 1}, got {args.seed}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="text to continue (default: a newline, or the vocabulary's first character if it has none)")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 for greedy decoding; so is any temperature below 1e-38 (float32 cannot divide by it)")
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--stop", default=None, metavar="TEXT",

@@ -35,6 +35,7 @@ def opt(default, help: str, choices: tuple = ()):
 OPTIMIZERS = ("adamw", "muon")  # see gptforge/train/optim.py
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # the rest are TrainConfig's
 SEED_LIMIT = 2**32  # numpy's seeds are 32-bit
+INT_LIMIT = 2**63 - 1  # an int64: the largest count torch and numpy hold
 
 
 @dataclass
@@ -126,6 +127,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
+            if isinstance(value, int) and not -INT_LIMIT <= value <= INT_LIMIT:  # past an int64: nothing holds it
+                raise ConfigError(f"{f.name} must be at most {INT_LIMIT:,} in size, got {value}")
         if self.input and self.dataset in BUILTIN_DATASETS:
             # your text is a dataset of its own, named after its file: never Tiny Shakespeare's folder
             self.dataset = Path(self.input).stem

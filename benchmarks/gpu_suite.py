@@ -189,9 +189,10 @@ def run_stage(plan: Plan, share: float, out: Path, rehearse: bool, log: Log, env
     finally:
         kill_group(proc.pid, log)  # its leftovers too (compile workers, a child it started)
         proc.wait()
+        ended = time.time()  # the stage's time ends here: draining its log below is the suite's
         Interruption.pgid = None
         pump.join(timeout=2)
-    record = dict(kind="stage", stage=plan.name, status=status, seconds=round(time.time() - start, 1),
+    record = dict(kind="stage", stage=plan.name, status=status, seconds=round(ended - start, 1),
                   share=round(share, 1), exit_code=code, note=note)  # fmt: skip
     results.append(out / results.RESULTS_FILE, record)
     log.say(f"stage {plan.name}: {status} in {record['seconds']} s {note}".rstrip())

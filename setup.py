@@ -30,7 +30,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "ruff", "transformers"],
+        # the trackers' tests read TensorBoard's event files and W&B's offline run files back
+        "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "ruff", "transformers", "tensorboard", "wandb"],
         "flash": ["flash-attn"],
+        "tensorboard": ["tensorboard"],  # --tensorboard_log
+        "wandb": ["wandb"],  # --wandb_log
     },
 )

@@ -8,6 +8,7 @@ the summary tables that benchmarks/conftest.py prints at the end.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,14 @@ import torch
 from benchmarks.suite.results import format_number
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# make bench-full (GPT_BENCH_FULL=1): every side-by-side run, with its full rounds; make bench: the
+# same benchmarks with fewer rounds, and the longest ones (marked ``full``) skipped
+FULL = os.environ.get("GPT_BENCH_FULL", "") not in ("", "0")
+
+
+def by_mode(quick: int, full: int) -> int:
+    """A count of rounds or steps: ``full`` under make bench-full, else ``quick``."""
+    return full if FULL else quick
 
 
 @dataclass
@@ -26,6 +35,7 @@ class Result:
     unit: str
     baseline: str | None = None  # the row of the same group this one is compared with
     note: str = ""
+    spread: tuple[float, float] | None = None  # lowest and highest over rounds, where there were several
 
 
 RESULTS: list[Result] = []
@@ -71,8 +81,21 @@ def summary_tables(results: list[Result]) -> str:
         for r in rows:
             base = next((b for b in rows if b.name == r.baseline), None)
             ratio = f"{r.value / base.value:6.2f}x vs {base.name}" if base and base.value else ""
-            lines.append(f"  {r.name:<{width}}  {format_number(r.value):>12} {r.unit:<9} {ratio} {r.note}".rstrip())
+            warning = spread_warning(r, base) if base is not None and base is not r else ""
+            lines.append(f"  {r.name:<{width}}  {format_number(r.value):>12} {r.unit:<9} {ratio} {r.note}{warning}"
+                         .rstrip())
     return "\n".join(lines)
+
+
+def spread_warning(result: Result, base: Result) -> str:
+    """A warning when the spread of either figure over its rounds is wider than the difference
+    between them: the ratio is then within the noise, not a measured effect."""
+    effect = abs(result.value - base.value)
+    widths = [r.spread[1] - r.spread[0] for r in (result, base) if r.spread is not None]
+    if widths and max(widths) > effect:
+        return (f"  WARNING: spread {format_number(max(widths))} {result.unit} is wider than the difference "
+                f"{format_number(effect)}: not a measured effect")
+    return ""
 
 
 def attention_flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> float:

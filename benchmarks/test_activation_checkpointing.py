@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks.common import DEVICE, Result, record
+from benchmarks.common import DEVICE, Result, by_mode, record
 from gptforge.gpt.config import GPTConfig
 from gptforge.gpt.model import GPT
 
@@ -23,7 +23,8 @@ if DEVICE.type == "cuda":
     BATCH, GROUP, ROUNDS = 16, "activation checkpointing: GPT-2 124M, T=1024, B=16, bf16", 5
 else:
     SHAPE = dict(vocab_size=65, block_size=128, n_layer=6, n_head=6, n_embd=192, dropout=0.1)
-    BATCH, GROUP, ROUNDS = 16, "activation checkpointing: CPU char model (6x6x192, T=128, B=16, dropout 0.1), fp32", 8
+    BATCH, GROUP = 16, "activation checkpointing: CPU char model (6x6x192, T=128, B=16, dropout 0.1), fp32"
+    ROUNDS = by_mode(quick=3, full=8)
 MODES = ("none", "selective", "full")
 
 

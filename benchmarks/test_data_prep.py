@@ -141,6 +141,7 @@ def sparse_corpus(folder: Path, shards: int = 10, shard_tokens: int = 100_000_00
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
+@pytest.mark.full
 def test_training_start_on_a_large_corpus(benchmark, tmp_path):
     shakespeare = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
     if not shakespeare.is_file():

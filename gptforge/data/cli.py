@@ -6,28 +6,42 @@
     python -m gptforge.data prepare --input 'corpus/*.jsonl.gz' --dataset owt --tokenizer gpt2 --workers 8 \\
         --val_fraction 0.005                                      # a real corpus: token shards (corpus.py)
     python -m gptforge.data tokenizer --input 'corpus/*.jsonl' --kind bpe --vocab_size 32768 --out tok/
-    python -m gptforge.data verify --dataset owt                      # every shard against its sha256
+    python -m gptforge.data verify --dataset owt                      # every byte, every token id, the tokenizer
 
 One plain text file becomes train.bin / val.bin / meta.json (datasets.py); a glob, a folder, a
 JSON-lines or Parquet file, or any corpus flag, becomes token shards (corpus.py). Every error is
-one line on stderr: exit status 1, or 2 for a bad document under --on_bad=stop.
+one line on stderr and exit status 2 (a bad input, a bad document under --on_bad=stop, a
+dataset another prepare is writing); ``verify`` exits with 1 when it finds damage.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import decimal
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
+from gptforge.data.checks import verify_text_dataset
 from gptforge.data.corpus import DEFAULT_SHARD_TOKENS, prepare_corpus
-from gptforge.data.datasets import BUILTIN_DATASETS, TOKENIZERS, check_dataset_name, prepare
-from gptforge.data.errors import BadDocumentError, CorpusError, DataError
-from gptforge.data.inputs import expand_inputs, input_kind, iter_raw_documents, parse_document
+from gptforge.data.datasets import (
+    BUILTIN_DATASETS,
+    SPLITS,
+    TOKENIZERS,
+    check_dataset_name,
+    load_meta,
+    load_tokenizer,
+    load_tokens,
+    prepare,
+)
+from gptforge.data.errors import CorpusError, DataError
+from gptforge.data.inputs import expand_inputs, input_kind, is_corpus_input, iter_raw_documents, parse_document
 from gptforge.data.shards import MANIFEST, is_sharded, verify_corpus
+from gptforge.gpt.folders import FolderBusyError
 from gptforge.gpt.tokenizer import GPT2Tokenizer, TokenizerUnavailableError
 
 log = logging.getLogger(__name__)
@@ -95,12 +109,7 @@ def is_corpus_request(args: argparse.Namespace) -> bool:
     """The sharded pipeline: for anything but one plain text file, or when a corpus flag is given."""
     if any(getattr(args, flag) is not None for flag in CORPUS_FLAGS):
         return True
-    if args.input is None:
-        return False
-    path = Path(args.input)
-    if any(c in args.input for c in "*?[") or path.is_dir():
-        return True
-    return input_kind(path) not in ("txt", None)  # one .jsonl or .parquet file is a corpus too
+    return args.input is not None and is_corpus_input(args.input)  # one .jsonl or .parquet file is a corpus too
 
 
 def prepare_corpus_from_args(args: argparse.Namespace, dataset: str | None) -> None:
@@ -109,18 +118,13 @@ def prepare_corpus_from_args(args: argparse.Namespace, dataset: str | None) -> N
         raise DataError("name the corpus's dataset with --dataset NAME (not a built-in one): it becomes "
                         f"{args.data_dir}/NAME/")
     check_dataset_name(dataset)
-    try:
-        prepare_corpus(
-            Path(args.data_dir) / dataset, expand_inputs(args.input), corpus_tokenizer(args.tokenizer),
-            val_inputs=expand_inputs(args.val_input) if args.val_input else None,
-            val_fraction=args.val_fraction if args.val_fraction is not None else (0.0 if args.val_input else 0.01),
-            text_field=args.text_field or "text", workers=1 if args.workers is None else args.workers,
-            shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, on_bad=args.on_bad or "skip",
-            log=lambda message: log.info("%s", message))
-    except BadDocumentError:
-        raise
-    except CorpusError as err:
-        raise DataError(str(err)) from None
+    prepare_corpus(
+        Path(args.data_dir) / dataset, expand_inputs(args.input), corpus_tokenizer(args.tokenizer),
+        val_inputs=expand_inputs(args.val_input) if args.val_input else None,
+        val_fraction=args.val_fraction if args.val_fraction is not None else (0.0 if args.val_input else 0.01),
+        text_field=args.text_field or "text", workers=1 if args.workers is None else args.workers,
+        shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, on_bad=args.on_bad or "skip",
+        log=lambda message: log.info("%s", message))
 
 
 def train_tokenizer_from_args(args: argparse.Namespace) -> None:
@@ -144,32 +148,43 @@ def train_tokenizer_from_args(args: argparse.Namespace) -> None:
                     skipped += 1  # a bad document teaches the tokenizer nothing
 
     try:
-        tokenizer = train_tokenizer(texts(), args.kind, args.vocab_size, Path(args.out), model_type=args.model_type)
-    except (ValueError, CorpusError) as err:
+        tokenizer = train_tokenizer(texts(), args.kind, args.vocab_size, Path(args.out), model_type=args.model_type,
+                                    overwrite=args.overwrite)
+    except (ValueError, CorpusError, FolderBusyError) as err:
         raise DataError(str(err)) from None
     log.info("%s tokenizer with %s tokens in %s%s; prepare a corpus with it: --tokenizer %s", args.kind,
              f"{tokenizer.vocab_size:,}", args.out, f" ({skipped} bad documents skipped)" if skipped else "", args.out)
 
 
 def verify_from_args(args: argparse.Namespace) -> int:
-    """Read every shard (a training start reads only their headers); 0 if all match the manifest."""
+    """Read everything a training start only samples (checks.py): every byte against its sha256,
+    every token id, the tokenizer rebuilt against the metadata. 0 if sound, 1 if damaged."""
     folder = Path(args.data_dir) / args.dataset
-    if not is_sharded(folder):
-        raise DataError(f"{folder} holds no prepared corpus (no {MANIFEST})")
+    if not is_sharded(folder) and not (folder / "meta.json").is_file():
+        raise DataError(f"{folder} holds no prepared dataset (no {MANIFEST} or meta.json)")
     try:
-        problems = verify_corpus(folder)
-    except CorpusError as err:
-        raise DataError(str(err)) from None
+        load_tokenizer(folder)  # the metadata's claims, and the tokenizer rebuilt against them
+        if is_sharded(folder):
+            problems = verify_corpus(folder)
+        else:
+            problems = verify_text_dataset(folder, load_meta(folder), {s: load_tokens(folder, s) for s in SPLITS})
+    except DataError as err:
+        problems = [str(err)]
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not problems:
-        log.info("%s: every shard matches its sha256", folder)
+        log.info("%s: sound (every file matches its sha256, every token id is in the vocabulary)", folder)
     return 1 if problems else 0
 
 
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status: 0, 1 for an error, 2 for a bad document under
-    --on_bad=stop, 130 when interrupted (a usage error exits with 2 from argparse)."""
+    """Run one command; returns the exit status: 0; 2 for an error (one line on stderr), a bad
+    document under --on_bad=stop included; 1 when verify finds damage; 130 when interrupted
+    (a usage error exits with 2 from argparse)."""
     parser = _OneLineErrorParser(prog="python -m gptforge.data", description="Prepare token files for training.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
     p = commands.add_parser("prepare", help="tokenize a text file or a corpus into <data_dir>/<dataset>/")
@@ -186,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--val_fraction", type=float, help="share of the documents in val (default: 0.01)")
     g.add_argument("--val_input", help="take val from these files instead (a glob)")
     g.add_argument("--on_bad", choices=("skip", "stop"), help="a bad document: skip and count it (default), or stop")
-    v = commands.add_parser("verify", help="check a prepared corpus's shards against their sha256")
-    v.add_argument("--dataset", required=True, help="the corpus's dataset name")
+    v = commands.add_parser("verify", help="check a prepared dataset in full: sha256, token ids, tokenizer")
+    v.add_argument("--dataset", required=True, help="the dataset's name")
     v.add_argument("--data_dir", default="data", help="where dataset folders go (default: data)")
     t = commands.add_parser("tokenizer", help="train a tokenizer on a corpus")
     t.add_argument("--input", required=True, help="a glob or folder of .txt, .jsonl[.gz|.zst] or .parquet files")
@@ -197,9 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True, help="the folder to write it to")
     t.add_argument("--model_type", default="bpe", choices=("bpe", "unigram"), help="SentencePiece's model")
     t.add_argument("--text_field", default="text", help="the JSON field or Parquet column with the text")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the tokenizer already in --out, whole (its other kind's files go too)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: workers stop, an unbegun prepare is undone
     try:
         if args.command == "tokenizer":
             train_tokenizer_from_args(args)
@@ -218,13 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         if dataset is None:
             parser.error("give --dataset (shakespeare_char or shakespeare) or --input path.txt")
         prepare(dataset, args.data_dir, input_path=args.input, tokenizer=args.tokenizer)
-    except BadDocumentError as err:
+    except (DataError, TokenizerUnavailableError, ValueError) as err:  # BadDocumentError too
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (DataError, TokenizerUnavailableError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except OSError as err:  # a full or read-only disk, a file that vanished
+        print(f"error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; no partial files were left (a corpus prepare resumes when run again)", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

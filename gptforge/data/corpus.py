@@ -26,6 +26,7 @@ or stops the prepare (``--on_bad=stop``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zlib
@@ -34,8 +35,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptforge.data.atomic import dataset_lock
 from gptforge.data.errors import BadDocumentError, CorpusError
-from gptforge.data.inputs import describe_inputs, input_kind, iter_raw_documents
+from gptforge.data.inputs import describe_inputs, expand_inputs, input_kind, iter_raw_documents
 from gptforge.data.shards import ShardWriter, is_sharded, load_manifest, read_header, token_dtype, write_manifest
 from gptforge.data.workers import eot_of, init_worker, ordered_map, tokenize_batch, worker_pool
 
@@ -97,10 +99,57 @@ def prepare_corpus(
                           "--val_input GLOB (other files), one of the two")
     if workers < 1:
         raise CorpusError(f"--workers must be >= 1, got {workers}")
-    # the workers start first: they load the tokenizer while this process checks it
-    with worker_pool(workers, tokenizer_meta) as pool:
-        return _prepare(folder, inputs, tokenizer_meta, val_inputs, val_fraction, text_field, shard_tokens, on_bad,
-                        log, pool, workers)
+    # one prepare per folder (a lock beside it); the workers start next: they load the
+    # tokenizer while this process checks it
+    with dataset_lock(folder, log), worker_pool(workers, tokenizer_meta) as pool:
+        existed, fresh = folder.exists(), not (folder / PROGRESS_DIR).exists()
+        try:
+            return _prepare(folder, inputs, tokenizer_meta, val_inputs, val_fraction, text_field, shard_tokens,
+                            on_bad, log, pool, workers)
+        except BaseException:
+            if fresh:
+                _undo_fresh_start(folder, existed)
+            raise
+
+
+def ensure_corpus(folder: Path, pattern: str, tokenizer: str | None, log: Callable[[str], None] = print) -> Path:
+    """Training's ``--input`` of a corpus (a glob, a folder, a .jsonl or .parquet file): the shards
+    ``python -m gptforge.data prepare --input PATTERN --dataset NAME`` writes, with its defaults.
+    A folder prepared already from the same files is used as it is, whatever its other settings."""
+    from gptforge.gpt.tokenizer import GPT2_TOKENIZER_META
+
+    command = f"python -m gptforge.data prepare --input '{pattern}' --dataset {folder.name} --data_dir {folder.parent}"
+    if tokenizer not in (None, "gpt2"):
+        raise CorpusError(f"--input {pattern} is a corpus of documents, which needs a tokenizer with an end-of-text "
+                          f"token, and {tokenizer} has none: train with --tokenizer=gpt2, or prepare it with a "
+                          f"tokenizer of your own ({command} --tokenizer DIR) and train with --dataset {folder.name}")
+    inputs = expand_inputs(pattern)
+    if is_sharded(folder):
+        manifest = load_manifest(folder)
+        splits = manifest.get("input_splits") or ["train"] * len(manifest["inputs"])
+        if [i for i, s in zip(manifest["inputs"], splits, strict=False) if s == "train"] == describe_inputs(inputs):
+            return folder
+        raise CorpusError(f"{folder} holds a corpus prepared from other files than --input {pattern}, or they changed "
+                          f"since; choose another --dataset, or prepare it again: rm -r {folder}; {command}")
+    log(f"--input {pattern} is a corpus: preparing it as {command} does, with one worker (run that command with "
+        "--workers N first to go faster)")
+    prepare_corpus(folder, inputs, dict(GPT2_TOKENIZER_META), val_fraction=0.01, log=log)
+    return folder
+
+
+def _undo_fresh_start(folder: Path, existed: bool) -> None:
+    """A prepare that failed (or was interrupted) before its first shard leaves nothing behind:
+    no .progress that would block the folder, no empty folder."""
+    progress = folder / PROGRESS_DIR
+    if progress.is_dir() and not (progress / "state.json").exists():
+        for leftover in progress.iterdir():
+            leftover.unlink()
+        progress.rmdir()
+        for leftover in folder.glob(".*.tmp"):  # a first shard being written
+            leftover.unlink()
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if nothing else is in it
 
 
 def _prepare(folder: Path, inputs: list[Path], tokenizer_meta: dict, val_inputs: list[Path] | None,
@@ -115,9 +164,13 @@ def _prepare(folder: Path, inputs: list[Path], tokenizer_meta: dict, val_inputs:
     if overlap:
         raise CorpusError(f"{sorted(overlap)[0]} is in both --input and --val_input: a document may be in one "
                           "split only")
-    if (folder / "meta.json").is_file() or (folder / "train.bin").is_file():
+    if (folder / "meta.json").is_file():
         raise CorpusError(f"{folder} holds a dataset prepared from a text file; a dataset is never replaced: "
-                          "choose another --dataset name, or delete the folder first")
+                          f"choose another --dataset name, or delete it first (rm -r {folder})")
+    if (folder / "train.bin").is_file() or (folder / "val.bin").is_file():
+        raise CorpusError(f"{folder} holds a text file's prepare that did not finish (train.bin, no meta.json); "
+                          f"finish it (python -m gptforge.data prepare --input TEXT --dataset {folder.name}) or "
+                          f"remove it (rm -r {folder}), or choose another --dataset name")
     files = [(p, "train") for p in inputs] + [(p, "val") for p in (val_inputs or [])]
     settings = dict(tokenizer=tokenizer_meta, inputs=describe_inputs([p for p, _ in files]),
                     input_splits=[s for _, s in files], val_fraction=val_fraction, text_field=text_field,
@@ -203,7 +256,7 @@ def _prepare(folder: Path, inputs: list[Path], tokenizer_meta: dict, val_inputs:
     bad = sum(s.bad for s in saved.values())
     manifest = write_manifest(folder, writers, tokenizer_meta, vocab_size, max_id, dict(
         **{k: v for k, v in settings.items() if k != "tokenizer"}, documents={s: saved[s].documents for s in writers},
-        bad_documents=dict(count=bad, first=[where for _, where in examples])))
+        bad_documents=dict(count=bad, first=[where for _, where in examples]), eot_id=eot_of(tokenizer)))
     for leftover in progress_dir.iterdir():
         leftover.unlink()
     progress_dir.rmdir()

@@ -24,12 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from gptforge.data.atomic import write_atomic
-from gptforge.data.corpus import PROGRESS_DIR
+from gptforge.data.atomic import dataset_lock, write_atomic
+from gptforge.data.checks import check_claims
+from gptforge.data.corpus import PROGRESS_DIR, ensure_corpus
 from gptforge.data.download import DOWNLOADS_DIR, SHAKESPEARE_NAME, SHAKESPEARE_URL, fetch_shakespeare
 from gptforge.data.errors import CorpusError, DataError
+from gptforge.data.inputs import is_corpus_input
 from gptforge.data.shards import ShardedTokens, is_sharded, load_manifest, open_split
-from gptforge.gpt.tokenizer import CharTokenizer, GPT2Tokenizer, tokenizer_from_meta
+from gptforge.gpt.folders import busy_holder
+from gptforge.gpt.tokenizer import AnyTokenizer, CharTokenizer, GPT2Tokenizer, tokenizer_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +107,8 @@ def prepare(
     }
 
     folder = data_dir / dataset
-    held = _source_in(folder)
-    if held is not None and not same_source(held, source):
-        raise DataError(
-            f"{folder} holds the tokens of {describe_source(held)}; a dataset is never replaced by another text "
-            f"({describe_source(source)}): choose another dataset name, or delete {folder} first"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    # meta.json marks a complete folder: drop the old one first, write the new one last
-    (folder / "meta.json").unlink(missing_ok=True)
-    for split, ids in splits.items():
-        write_atomic(folder / f"{split}.bin", np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
-    write_atomic(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    with dataset_lock(folder, log.info):
+        _write_dataset(folder, source, splits, meta)
     log.info(
         "%s: %s tokenizer, vocab %s; train %s tokens, val %s tokens -> %s",
         dataset,
@@ -126,6 +119,32 @@ def prepare(
         folder,
     )
     return folder
+
+
+def _write_dataset(folder: Path, source: dict, splits: dict[str, list[int]], meta: dict) -> None:
+    """Write the tokens and meta.json into ``folder`` (its lock held): never over another text's."""
+    if is_sharded(folder):
+        raise DataError(f"{folder} holds a corpus; a text file is not prepared beside it: choose another dataset "
+                        f"name, or remove the corpus first (rm -r {folder})")
+    if (folder / PROGRESS_DIR).is_dir():
+        raise DataError(f"{folder} holds a corpus prepare that did not finish ({PROGRESS_DIR}); a text file is not "
+                        "prepared beside it: finish it (run its python -m gptforge.data prepare command again), "
+                        f"remove it (rm -r {folder}), or choose another dataset name")
+    held = _source_in(folder)
+    if held is not None and not same_source(held, source):
+        raise DataError(
+            f"{folder} holds the tokens of {describe_source(held)}; a dataset is never replaced by another text "
+            f"({describe_source(source)}): choose another dataset name, or delete {folder} first"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    # meta.json marks a complete folder: drop the old one first, write the new one last
+    (folder / "meta.json").unlink(missing_ok=True)
+    meta["sha256"] = {}  # of each token file: verify reads them against it
+    for split, ids in splits.items():
+        data = np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()
+        meta["sha256"][split] = hashlib.sha256(data).hexdigest()
+        write_atomic(folder / f"{split}.bin", data)
+    write_atomic(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
 
 
 def ensure_prepared(dataset: str, data_dir: str | Path = "data", input_path: str | Path | None = None,
@@ -139,6 +158,11 @@ def ensure_prepared(dataset: str, data_dir: str | Path = "data", input_path: str
     folder = Path(data_dir) / dataset
     if input_path is not None and dataset in BUILTIN_DATASETS:
         raise DataError(_builtin_name_taken(dataset, input_path))
+    holder = busy_holder(folder)
+    if holder is not None:
+        raise DataError(f"{folder} is being prepared now by {holder}; wait for it to finish")
+    if input_path is not None and is_corpus_input(str(input_path)):  # as python -m gptforge.data prepare takes it
+        return ensure_corpus(folder, str(input_path), tokenizer, log.info)
     if is_sharded(folder):  # a corpus prepared with python -m gptforge.data prepare --input GLOB
         if input_path is not None:
             raise DataError(f"{folder} holds a sharded corpus; train on it with --dataset {dataset} alone, without "
@@ -150,7 +174,7 @@ def ensure_prepared(dataset: str, data_dir: str | Path = "data", input_path: str
         return folder
     if (folder / PROGRESS_DIR).is_dir():
         raise DataError(f"{folder} holds a corpus whose prepare did not finish; run the same python -m gptforge.data "
-                        "prepare command again (it resumes where it stopped)")
+                        f"prepare command again (it resumes where it stopped), or remove it (rm -r {folder})")
     missing = [name for name in ("train.bin", "val.bin", "meta.json") if not (folder / name).is_file()]
     if missing:
         if (folder / "meta.json").is_file() and input_path is None and dataset not in BUILTIN_DATASETS:
@@ -193,6 +217,7 @@ def load_meta(folder: str | Path) -> dict[str, Any]:
             manifest = load_manifest(folder)
         except CorpusError as err:
             raise DataError(str(err)) from None
+        check_claims(Path(folder) / "manifest.json", manifest, "prepare the corpus again")
         splits = manifest["splits"]
         return {"format_version": FORMAT_VERSION, "dataset": Path(folder).name, "dtype": manifest["dtype"],
                 "vocab_size": manifest["vocab_size"], "train_tokens": splits["train"]["tokens"],
@@ -217,6 +242,7 @@ def load_meta(folder: str | Path) -> dict[str, Any]:
                             f"{folder} and {hint}")
     if meta["format_version"] != FORMAT_VERSION:
         raise DataError(f"{path} has format version {meta['format_version']}, this code reads {FORMAT_VERSION}; {hint}")
+    check_claims(path, meta, f"delete {folder} and {hint}")
     return meta
 
 
@@ -246,29 +272,17 @@ def load_tokens(folder: str | Path, split: str) -> np.memmap | ShardedTokens:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
 
 
-def check_token_ids(folder: str | Path, split: str, tokens: np.ndarray, vocab_size: int) -> None:
-    """Refuse token ids >= ``vocab_size`` (they would index past the embedding); one pass over
-    the data in chunks, so a memmap larger than memory is fine. A sharded corpus was checked
-    when it was prepared: its manifest's largest id is compared, and nothing is read."""
-    if isinstance(tokens, ShardedTokens):
-        largest = load_manifest(folder)["max_token_id"]
-        if largest >= vocab_size:
-            raise DataError(f"{folder}'s manifest says its largest token id is {largest}, but the vocabulary has "
-                            f"{vocab_size} tokens: prepare the corpus again")
-        return
-    chunk = 1 << 26
-    for start in range(0, len(tokens), chunk):
-        largest = int(tokens[start : start + chunk].max())
-        if largest >= vocab_size:
-            raise DataError(
-                f"{Path(folder) / f'{split}.bin'} holds token id {largest}, but meta.json says the vocabulary has "
-                f"{vocab_size} tokens: the file was written by another tokenizer or is damaged; prepare the data again"
-            )
-
-
-def load_tokenizer(folder: str | Path) -> CharTokenizer | GPT2Tokenizer:
-    """The tokenizer the dataset in ``folder`` was prepared with."""
-    return tokenizer_from_meta(load_meta(folder)["tokenizer"])
+def load_tokenizer(folder: str | Path) -> AnyTokenizer:
+    """The tokenizer the dataset in ``folder`` was prepared with, rebuilt from the embedded meta
+    and checked against it (a trained one's model against its sha256 and end-of-text id): a
+    DataError naming the file if they disagree."""
+    meta = load_meta(folder)
+    try:
+        return tokenizer_from_meta(meta["tokenizer"])
+    except ValueError as err:
+        name = "manifest.json" if meta.get("sharded") else "meta.json"
+        raise DataError(f"{Path(folder) / name}: its tokenizer cannot be rebuilt ({err}); the file was edited or "
+                        "damaged; prepare the dataset again") from None
 
 
 # ----------------------------------------------------------------------------- helpers

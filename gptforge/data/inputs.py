@@ -1,13 +1,19 @@
 """A corpus's input files: which ones a --input names, and the documents in each.
 
 Inputs are ``.txt`` files (one document each), JSON lines (``.jsonl``, ``.jsonl.gz``,
-``.jsonl.zst``: one document per line, its text in ``--text_field``) and Parquet files (a text
-column). Files are read here as raw documents; parse_document turns one into text (in the
-tokenizing workers, so that parsing runs in parallel), or says why it is a bad document.
+``.jsonl.bz2``, ``.jsonl.zst``: one document per line, its text in ``--text_field``) and Parquet
+files (a text column). Every file is read to its verified end: a compressed file cut short
+(gzip, bz2 and zstd each check their own end) or a Parquet file without its footer is an error
+naming the file, never a corpus quietly shorter. A file reached twice (a symlink, a glob
+that matches it by two paths) is read once.
+
+Files are read here as raw documents; parse_document turns one into text (in the tokenizing
+workers, so that parsing runs in parallel), or says why it is a bad document.
 """
 
 from __future__ import annotations
 
+import bz2
 import glob as globlib
 import gzip
 import io
@@ -17,7 +23,8 @@ from pathlib import Path
 
 from gptforge.data.errors import CorpusError
 
-INPUT_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".jsonl.zst": "jsonl", ".parquet": "parquet"}
+INPUT_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".jsonl.bz2": "jsonl", ".jsonl.zst": "jsonl",
+               ".parquet": "parquet"}
 
 
 def input_kind(path: str | Path) -> str | None:
@@ -27,13 +34,28 @@ def input_kind(path: str | Path) -> str | None:
                  if name.endswith(suffix)), None)  # fmt: skip
 
 
+def is_corpus_input(pattern: str) -> bool:
+    """Whether ``--input`` names a corpus (token shards) rather than one plain text: a glob, a
+    folder, or a JSON-lines or Parquet file. The data CLI and training decide alike."""
+    if any(c in pattern for c in "*?["):
+        return True
+    return Path(pattern).is_dir() or input_kind(pattern) not in ("txt", None)
+
+
 def expand_inputs(pattern: str) -> list[Path]:
-    """The files a glob (or a directory, or one path) names, sorted, each of a kind we read."""
+    """The files a glob (or a directory, or one path) names, sorted, each of a kind we read, each
+    once: of the paths that lead to one file (symlinks), the first in sorted order stays."""
     path = Path(pattern)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and input_kind(p))
+        candidates = sorted(p for p in path.rglob("*") if p.is_file() and input_kind(p))
     else:
-        found = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file())
+        candidates = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file())
+    found, seen = [], set()
+    for candidate in candidates:
+        real = candidate.resolve()
+        if real not in seen:
+            seen.add(real)
+            found.append(candidate)
     if not found:
         raise CorpusError(f"--input {pattern!r} matches no file")
     unknown = [p for p in found if input_kind(p) is None]
@@ -51,6 +73,8 @@ def _open_lines(path: Path) -> Iterable[bytes]:
     name = str(path).lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
+    if name.endswith(".bz2"):
+        return bz2.open(path, "rb")
     if name.endswith(".zst"):
         try:
             import zstandard

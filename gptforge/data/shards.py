@@ -8,8 +8,9 @@ Each shard is a 64-byte header (magic, version, bytes per token, token count) fo
 tokens, uint16 when the vocabulary fits and uint32 otherwise. The manifest holds the
 tokenizer, the token counts and the largest token id (checked once, when the corpus is
 prepared, so that a training start reads only the manifest and the shard headers), every
-shard's sha256, and the input files with their sizes. Training reads a split's shards as one
-stream (ShardedTokens); ``python -m gptforge.data verify`` reads every byte (verify_corpus).
+shard's sha256 and largest id, and the input files with their sizes. Training reads a split's
+shards as one stream (ShardedTokens), its ids checked as they are read (checks.py);
+``python -m gptforge.data verify`` reads every byte (verify_corpus).
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def read_header(path: Path) -> tuple[np.dtype, int]:
         raise CorpusError(f"{path} holds {size} bytes, but its header says {count:,} tokens of {itemsize} bytes: "
                           "damaged or cut short; prepare the dataset again")
     return np.dtype(np.uint16 if itemsize == 2 else np.uint32), count
+
+
+def read_last_token(path: Path, dtype: np.dtype, count: int) -> int | None:
+    """A shard's last token, read with one small read (no memory map); None for an empty shard."""
+    if count == 0:
+        return None
+    with open(path, "rb") as f:
+        f.seek(HEADER_BYTES + (count - 1) * dtype.itemsize)
+        return int(np.frombuffer(f.read(dtype.itemsize), dtype=dtype)[0])
 
 
 class ShardedTokens:
@@ -158,6 +168,8 @@ def _check_fields(path: Path, manifest: dict) -> None:
             where = f"splits.{split}.shards[{i}]."
             for key, kind in (("file", str), ("tokens", int)):  # verify reports a sha256 that is missing
                 _field(path, shard, key, kind, where)
+            if "max_token_id" in shard:  # recorded since the first version; a start compares it
+                _field(path, shard, "max_token_id", int, where)
             if Path(shard["file"]).name != shard["file"] or shard["file"] in ("", ".", ".."):
                 raise CorpusError(f"{path}: the field {where}file is {shard['file']!r}, not a file name in its "
                                   "folder; the manifest is damaged; prepare the dataset again")
@@ -181,25 +193,40 @@ def open_split(folder: str | Path, split: str) -> ShardedTokens:
 
 def verify_corpus(folder: str | Path) -> list[str]:
     """Every problem of a prepared corpus, reading every shard: a missing or short file, a header
-    that disagrees with the manifest, a sha256 that does not match. Empty when it is sound."""
+    that disagrees with the manifest, a sha256 that does not match, a token id past the
+    vocabulary or the shard's recorded largest, a split that does not end with the end-of-text
+    token. Empty when it is sound."""
     folder, problems = Path(folder), []
     manifest = load_manifest(folder)
+    vocab_size, eot = manifest["vocab_size"], manifest.get("eot_id")
     for split, entry in manifest["splits"].items():
+        last = None
         for shard in entry["shards"]:
             path = folder / shard["file"]
             try:
-                _, count = read_header(path)
+                dtype, count = read_header(path)
             except CorpusError as err:
                 problems.append(str(err))
+                last = None
                 continue
             if count != shard["tokens"]:
                 problems.append(f"{path} holds {count:,} tokens, the manifest says {shard['tokens']:,}")
-            digest = hashlib.sha256()
+            digest, largest = hashlib.sha256(), -1
             with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
+                digest.update(f.read(HEADER_BYTES))
+                while chunk := f.read(1 << 24):  # a multiple of 4: whole tokens of either dtype
                     digest.update(chunk)
+                    tokens = np.frombuffer(chunk, dtype=dtype)
+                    if len(tokens):
+                        largest, last = max(largest, int(tokens.max())), int(tokens[-1])
             if digest.hexdigest() != shard.get("sha256"):
                 problems.append(f"{path} does not match its sha256 in the manifest ({split} split): damaged")
+            if largest >= vocab_size or largest > shard.get("max_token_id", largest):
+                problems.append(f"{path} holds token id {largest}, but the vocabulary has {vocab_size} tokens (the "
+                                f"manifest says its largest is {shard.get('max_token_id')})")
+        if eot is not None and last is not None and last != eot:
+            problems.append(f"the {split} split ends with token {last}, not the end-of-text token {eot}: its last "
+                            "shard is damaged or of another tokenizer")
     return problems
 
 

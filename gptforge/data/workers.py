@@ -2,16 +2,25 @@
 
 Each worker loads the tokenizer once, then turns batches of raw documents into tokens (each
 document followed by the end-of-text token), or into the reason it is a bad document. Results
-come back in task order, so the shards do not depend on the number of workers.
+come back in task order, so the shards do not depend on the number of workers. Workers never
+outlive the prepare: they die with it, whatever kills it (die_with_parent), and an error in it
+stops them at once.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -24,12 +33,40 @@ from gptforge.data.inputs import parse_document
 _worker_tokenizer = None  # this process's tokenizer, loaded once by init_worker
 
 
-def init_worker(tokenizer_meta: dict) -> None:
-    """Load the tokenizer that tokenize_batch uses in this process (a pool's initializer)."""
+def init_worker(tokenizer_meta: dict, parent: int | None = None) -> None:
+    """Load the tokenizer that tokenize_batch uses in this process (a pool's initializer); in a
+    pool (``parent``: the preparing process's pid), first arrange to die with the parent."""
     global _worker_tokenizer
     from gptforge.gpt.tokenizer import tokenizer_from_meta
 
+    if parent is not None:
+        die_with_parent(parent)
     _worker_tokenizer = tokenizer_from_meta(tokenizer_meta)
+
+
+PR_SET_PDEATHSIG = 1
+PARENT_POLL_SECONDS = 1.0
+WAKE_SECONDS = 0.2  # the preparing process's longest sleep while it waits for a batch
+
+
+def die_with_parent(parent: int) -> None:
+    """End this worker when ``parent`` ends, however it ends (SIGKILL included): a worker blocked
+    on the task queue would otherwise wait forever, re-parented to PID 1, and keep the resource
+    tracker and its /dev/shm semaphores alive with it. Linux: the kernel's parent-death signal;
+    elsewhere, and as a backstop, a thread that watches the parent's pid."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def eot_of(tokenizer: Any) -> int:
@@ -74,9 +111,19 @@ def ordered_map(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], tasks: Iter
     for task in tasks:
         window.append(pool.submit(fn, task))
         if len(window) >= ahead:
-            yield window.popleft().result()
+            yield _result(window.popleft())
     while window:
-        yield window.popleft().result()
+        yield _result(window.popleft())
+
+
+def _result(future: Future) -> Any:
+    """``future.result()``, waking every WAKE_SECONDS: a SIGTERM that the kernel hands to one of
+    the pool's threads runs its handler only when the main thread next runs Python."""
+    while True:
+        try:
+            return future.result(timeout=WAKE_SECONDS)
+        except FuturesTimeout:
+            continue
 
 
 @contextlib.contextmanager
@@ -87,13 +134,19 @@ def worker_pool(workers: int, tokenizer_meta: dict) -> Iterator[ProcessPoolExecu
         yield None
         return
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
-                               initargs=(tokenizer_meta,))
+                               initargs=(tokenizer_meta, os.getpid()))
+    failed = True
     try:
         for _ in range(workers):
             pool.submit(int)  # the processes start now, not at the first batch
         yield pool
+        failed = False
     except BrokenProcessPool:
         raise CorpusError("a tokenizing worker process died (killed for memory?); run the same command again "
                           "(it resumes), with fewer --workers if memory is short") from None
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if failed:  # an error or Ctrl-C: the batches in flight are of no use, so the workers go now
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                with contextlib.suppress(Exception):
+                    process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -21,6 +21,9 @@ from gptforge.gpt.tokenizer_base import EOT_TEXT, TokenizerUnavailableError
 from gptforge.gpt.trained_tokenizers import TRAINED_TOKENIZERS
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # the last: older versions
+# what a GPT-2 folder may hold (ours, or one from the Hub): an export replaces only such a folder
+EXPORT_DIR_FILES = (HF_CONFIG, HF_SAFETENSORS, *HF_TOKENIZER_FILES, "generation_config.json", "pytorch_model.bin",
+                    "vocab.json", "merges.txt")
 # the architecture options GPT-2's layout has no place for, with GPT-2's values
 GPT2_ONLY = dict(rope=False, qk_norm=False, tie_embeddings=True)
 

@@ -301,6 +301,27 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             block.checkpointed = mode == "full" or mode == "selective" and i % 2 == 0
 
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Rows for token ids up to ``vocab_size`` (new tokens for fine-tuning: the chat template's).
+        The rows there are kept; each new one starts near the mean of the old ones (plus noise of
+        the init's scale, so that the new tokens differ), a plausible token the model has seen."""
+        old = self.config.vocab_size
+        if vocab_size <= old:
+            return
+        wte = self.transformer.wte.weight
+        mean = wte.mean(0, keepdim=True)
+        rows = mean + 0.02 * torch.randn(vocab_size - old, wte.size(1), dtype=wte.dtype, device=wte.device)
+        self.transformer.wte = nn.Embedding.from_pretrained(torch.cat([wte, rows]), freeze=False)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        else:
+            head = self.lm_head.weight
+            grown = torch.cat([head, head.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+            self.lm_head.weight = nn.Parameter(grown)
+        self.lm_head.out_features = vocab_size
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the position embedding (the token embedding
         counts, being tied to the output layer), as nanoGPT reports it."""

@@ -6,7 +6,7 @@ export of our models to the Hugging Face GPT-2 layout.
     model, tokenizer_meta = load_pretrained("out/ckpt.pt")     # nanoGPT
     export_hf(model, "hf_dir", tokenizer_meta)                  # transformers can load it
 
-    python -m gptforge.gpt.pretrained export --out_dir RUN --to DIR
+    python -m gptforge.gpt.pretrained export --out_dir RUN --to DIR   # --overwrite replaces DIR whole
 
 Nothing is downloaded: the GPT-2 names resolve to local directories (``$GPT_MODELS_DIR/<name>``
 or the Hugging Face cache). Each source has its file: gptforge/gpt/hf_import.py (GPT-2 in the
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from gptforge.gpt.hf_export import HF_TOKENIZER_FILES, export_hf
+from gptforge.gpt.folders import FolderBusyError, FolderLock, check_replaceable, staged_folder
+from gptforge.gpt.hf_export import EXPORT_DIR_FILES, HF_TOKENIZER_FILES, export_hf
 from gptforge.gpt.hf_import import GPT2_NAMES, HF_BIN, HF_CONFIG, HF_SAFETENSORS, find_gpt2, load_hf
 from gptforge.gpt.io import CONFIG_FILE, WEIGHTS_FILE, find_model_dir, load_model
 from gptforge.gpt.model import GPT
@@ -138,18 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out_dir", required=True,
                         help="a training run's output folder or model directory (or anything load_pretrained takes)")
     export.add_argument("--to", required=True, help="the directory to write config.json and model.safetensors into")
-    export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --to")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --to, whole (never merged with its files)")
     args = p.parse_args(argv)
     try:
-        to = Path(args.to)
-        if to.exists() and not to.is_dir():
-            raise ValueError(f"--to {to} exists and is not a folder")
-        earlier = [n for n in (HF_CONFIG, HF_SAFETENSORS, *HF_TOKENIZER_FILES) if (to / n).exists()]
-        if earlier and not args.overwrite:
-            raise ValueError(f"--to {to} already holds {' and '.join(earlier)}; pass --overwrite to replace them")
-        model, tokenizer_meta = load_pretrained(args.out_dir)
-        directory = export_hf(model, to, tokenizer_meta)
-    except (FileNotFoundError, ValueError) as err:
+        with FolderLock(args.to, "export"):
+            check_replaceable(args.to, args.overwrite, EXPORT_DIR_FILES, "an export")
+            model, tokenizer_meta = load_pretrained(args.out_dir)
+            with staged_folder(args.to) as staging:  # the whole folder, swapped in when complete
+                export_hf(model, staging, tokenizer_meta)
+            directory = Path(args.to)
+    except (FileNotFoundError, ValueError, FolderBusyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a read-only or full disk

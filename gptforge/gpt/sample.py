@@ -44,6 +44,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be from 0 to {2**64 - 1}, got {args.seed}")
 
 
+def answers(model, tokenizer, args: argparse.Namespace, generator) -> list[str]:
+    """A chat model's responses to ``--prompt`` as a user's message (the chat template of
+    gptforge/gpt/chat.py), each up to its end token."""
+    from gptforge.gpt.completions import complete
+
+    if args.prompt is None:
+        raise ValueError("this is a fine-tuned chat model: give it a --prompt, which it answers as a user's message")
+    ids = tokenizer.prompt_ids([dict(role="user", content=_unescape(args.prompt))])
+    rows = complete(model, [ids] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                    generator, stop_id=tokenizer.end_id, vocab_limit=tokenizer.vocab_size)
+    return [tokenizer.response_text(row) for row in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/shakespeare_char_cpu", help="training output folder or model directory")
@@ -66,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
+    from gptforge.gpt.chat import ChatTokenizer
     from gptforge.gpt.device import pick_device
     from gptforge.gpt.generate import generate_text
     from gptforge.gpt.io import find_model_dir, load_model
@@ -85,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         if not tokenizer_meta:
             raise ValueError(f"{source} has no tokenizer description; cannot encode the prompt")
         tokenizer = tokenizer_from_meta(tokenizer_meta)
+        if isinstance(tokenizer, ChatTokenizer):  # a fine-tuned model: the prompt is a user's message
+            for text in answers(model, tokenizer, args, torch.Generator(device).manual_seed(args.seed)):
+                print(text)
+                print(SEPARATOR, flush=True)
+            return 0
         if args.prompt is None:  # a newline where the vocabulary has one, else a character it has
             args.prompt = tokenizer.decode(start_tokens(tokenizer)) if tokenizer.name == "char" else "\n"
         stop = _unescape(args.stop) if args.stop else None

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from gptforge.gpt.chat import SPECIAL_TOKENS, ChatTokenizer
 from gptforge.gpt.tokenizer_base import SHOW_AT_MOST, TokenizerUnavailableError, as_id_list
 from gptforge.gpt.trained_tokenizers import TRAINED_TOKENIZERS, BPETokenizer, SentencePieceTokenizer, trained_from_meta
 
@@ -146,7 +147,7 @@ def _load_gpt2_encoding() -> Any:
     return enc
 
 
-AnyTokenizer = CharTokenizer | GPT2Tokenizer | SentencePieceTokenizer | BPETokenizer
+AnyTokenizer = CharTokenizer | GPT2Tokenizer | SentencePieceTokenizer | BPETokenizer | ChatTokenizer
 
 
 def tokenizer_from_meta(meta: dict[str, Any]) -> AnyTokenizer:
@@ -165,8 +166,14 @@ def tokenizer_from_meta(meta: dict[str, Any]) -> AnyTokenizer:
         tokenizer = GPT2Tokenizer()
     elif name in TRAINED_TOKENIZERS:
         tokenizer = trained_from_meta(meta)
+    elif name == "chat":  # a fine-tuned model's: its base tokenizer plus the chat template's tokens
+        if meta.get("special_tokens") != list(SPECIAL_TOKENS) or not isinstance(meta.get("base"), dict):
+            raise ValueError(f"chat tokenizer meta must hold its 'base' tokenizer and the special tokens "
+                             f"{list(SPECIAL_TOKENS)}, got {meta!r:.200}")
+        tokenizer = ChatTokenizer(tokenizer_from_meta(meta["base"]))
     else:
-        raise ValueError(f"unknown tokenizer {name!r} in meta (known: 'char', 'gpt2', 'sentencepiece', 'bpe')")
+        raise ValueError(f"unknown tokenizer {name!r} in meta (known: 'char', 'gpt2', 'sentencepiece', 'bpe', "
+                         "'chat')")
     expected = meta.get("vocab_size", tokenizer.vocab_size)
     if expected != tokenizer.vocab_size:
         raise ValueError(
@@ -182,6 +189,8 @@ def start_tokens(tokenizer: AnyTokenizer) -> list[int]:
     no newline to start from)."""
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]
+    if isinstance(tokenizer, ChatTokenizer):  # a chat model starts where a user message does
+        return [tokenizer.role_id("user")]
     assert isinstance(tokenizer, CharTokenizer)
     return [tokenizer.stoi["\n"] if "\n" in tokenizer.stoi else 0]
 
@@ -190,6 +199,8 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two tokenizer metas (``to_meta()``) encode text alike."""
     if a.get("name") != b.get("name"):
         return False
+    if a.get("name") == "chat":
+        return a.get("special_tokens") == b.get("special_tokens") and same_tokenizer(a["base"], b["base"])
     if a.get("name") == "char":
         return a.get("chars") == b.get("chars")
     if a.get("name") in TRAINED_TOKENIZERS:  # the same model bytes
@@ -200,6 +211,8 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def describe_tokenizer(meta: dict[str, Any]) -> str:
     """A short name for messages: "char (65 tokens)", "bpe (8000 tokens, sha256 1a2b3c4d5e6f)"."""
     name = meta.get("name")
+    if name == "chat" and isinstance(meta.get("base"), dict):
+        return f"{describe_tokenizer(meta['base'])} + chat tokens"
     if name == "sentencepiece":
         name = f"sentencepiece {meta.get('model_type', 'bpe')}"
     sha = f", sha256 {meta['sha256'][:12]}" if isinstance(meta.get("sha256"), str) else ""

@@ -14,7 +14,9 @@ The directory holds the library's own file, which other tools read too (``tokeni
 for SentencePiece, ``tokenizer.json`` for BPE), and ``tokenizer_meta.json``: our ``to_meta()``
 without the embedded model (the file beside it is the model) plus the file's name; the file's
 sha256 is checked against it on load. The meta stored in datasets and checkpoints is the full
-``to_meta()``, model included, so a checkpoint needs no side file.
+``to_meta()``, model included, so a checkpoint needs no side file. The directory is written
+whole, under a lock, and replaces an earlier tokenizer only when asked (``overwrite``; see
+gptforge/gpt/folders.py): never two writers, never the other kind's file left behind.
 
 Which library for byte-level BPE: Hugging Face ``tokenizers``. rustbpe (0.1.0 on PyPI, one
 release) trains fast but has no encoder or file format of its own (its merges go to tiktoken)
@@ -32,6 +34,7 @@ not, so it is left off.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -41,6 +44,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gptforge.gpt.folders import FolderLock, check_replaceable, staged_folder
 from gptforge.gpt.tokenizer import tokenizer_from_meta
 from gptforge.gpt.tokenizer_base import EOT_TEXT
 from gptforge.gpt.trained_tokenizers import SPM_NEWLINE_SYMBOLS, BPETokenizer, SentencePieceTokenizer, import_library
@@ -49,6 +53,7 @@ KINDS = ("sentencepiece", "bpe")
 SPM_MODEL_TYPES = ("bpe", "unigram")
 META_FILE = "tokenizer_meta.json"
 MODEL_FILES = {"sentencepiece": "tokenizer.model", "bpe": "tokenizer.json"}
+TOKENIZER_DIR_FILES = (META_FILE, *MODEL_FILES.values())  # all a tokenizer folder may hold
 
 # the smallest vocabularies: byte-level BPE needs every byte and <|endoftext|>; SentencePiece
 # reserves the 256 byte pieces, <unk>, <|endoftext|> and the newline runs, and needs at least one
@@ -74,6 +79,7 @@ def train_tokenizer(
     model_type: str = "bpe",
     *,
     sample_size: int = SPM_SAMPLE_CHUNKS,
+    overwrite: bool = False,
 ) -> SentencePieceTokenizer | BPETokenizer:
     """Train a ``kind`` tokenizer ("sentencepiece" or "bpe") of at most ``vocab_size`` tokens on
     the documents ``texts``, save it into ``out_dir`` (see the module's doc) and return it.
@@ -84,6 +90,10 @@ def train_tokenizer(
     characters it trains on, drawn uniformly from the whole corpus with a fixed seed; the BPE
     trainer counts the whole stream. A ValueError names any bad argument, an empty corpus,
     or a vocabulary too small for the corpus.
+
+    ``out_dir`` is locked for the whole training (a second writer gets FolderBusyError at once).
+    A folder that holds a tokenizer already is replaced whole only with ``overwrite``; one that
+    holds other files never is (both checked before training, so nothing is lost or wasted).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}: expected one of {', '.join(map(repr, KINDS))}")
@@ -96,6 +106,15 @@ def train_tokenizer(
         raise ValueError(f"vocab_size for a {kind} tokenizer must be an integer in [{low}, {high}], got {vocab_size!r}")
     if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
         raise ValueError(f"sample_size must be a positive integer, got {sample_size!r}")
+    with FolderLock(out_dir, "tokenizer training"):
+        check_replaceable(out_dir, overwrite, TOKENIZER_DIR_FILES, "a tokenizer")
+        tokenizer = _train(texts, kind, vocab_size, model_type, sample_size)
+        save_tokenizer_dir(tokenizer, out_dir, overwrite=overwrite, locked=True)
+    return tokenizer
+
+
+def _train(texts: Iterable[str], kind: str, vocab_size: int, model_type: str,
+           sample_size: int) -> SentencePieceTokenizer | BPETokenizer:
     corpus = _Corpus(texts)
     try:
         if kind == "sentencepiece":
@@ -107,7 +126,6 @@ def train_tokenizer(
         if corpus.error is not None:  # the reader's own error, not the library's rewording of it
             raise corpus.error from None
         raise
-    save_tokenizer_dir(tokenizer, out_dir)
     return tokenizer
 
 
@@ -249,11 +267,20 @@ def _train_bpe(corpus: _Corpus, vocab_size: int) -> BPETokenizer:
 # ----------------------------------------------------------------------------------------------
 
 
-def save_tokenizer_dir(tokenizer: SentencePieceTokenizer | BPETokenizer, out_dir: str | Path) -> Path:
-    """Write the library's model file and ``tokenizer_meta.json`` (last: a directory with the
-    meta is complete) into ``out_dir``; return it."""
+def save_tokenizer_dir(tokenizer: SentencePieceTokenizer | BPETokenizer, out_dir: str | Path,
+                       overwrite: bool = False, locked: bool = False) -> Path:
+    """Write the library's model file and ``tokenizer_meta.json`` into ``out_dir``, replacing
+    the folder whole (an earlier tokenizer only with ``overwrite``: see gptforge/gpt/folders.py);
+    return it. ``locked``: the caller holds the folder's lock already."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext() if locked else FolderLock(out_dir, "saving a tokenizer"):
+        check_replaceable(out_dir, overwrite, TOKENIZER_DIR_FILES, "a tokenizer")
+        with staged_folder(out_dir) as staging:
+            _write_tokenizer_files(tokenizer, staging)
+    return out_dir
+
+
+def _write_tokenizer_files(tokenizer: SentencePieceTokenizer | BPETokenizer, out_dir: Path) -> None:
     meta = tokenizer.to_meta()
     model = meta.pop("model")
     file = MODEL_FILES[tokenizer.name]
@@ -262,7 +289,6 @@ def save_tokenizer_dir(tokenizer: SentencePieceTokenizer | BPETokenizer, out_dir
     else:
         (out_dir / file).write_bytes(model.encode("utf-8"))  # bytes: the sha256 is of exactly these
     (out_dir / META_FILE).write_text(json.dumps({**meta, "file": file}, indent=2) + "\n", encoding="utf-8")
-    return out_dir
 
 
 def load_tokenizer_dir(path: str | Path) -> SentencePieceTokenizer | BPETokenizer:

@@ -48,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(*parse_args(argv))
         # torch, the model and the loop only now: --help and a bad flag answer without them
-        from gptforge.train.loop import train
+        from gptforge.train.stages import train
 
         result = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0 and "val_loss" in result:
-            print(f"done: val loss {result['val_loss']:.4f} at step {result['step']}, "
+            accuracy = f", held-out accuracy {100 * result['accuracy']:.1f}%" if "accuracy" in result else ""
+            print(f"done: val loss {result['val_loss']:.4f}{accuracy} at step {result['step']}, "
                   f"{time.perf_counter() - STARTED:.1f} s after the command started")
     except TrainingStopped as stop:  # a stop signal, or a NaN under --nan_policy=stop: checkpointed
         if stop.announce:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gptforge.data import BUILTIN_DATASETS, valid_dataset_name
 from gptforge.gpt.config import ACTIVATIONS, MODELS, GPTConfig, parse_bool
+from gptforge.train.finetune.tasks import TASKS
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,9 @@ def opt(default, help: str, choices: tuple = ()):
 
 
 OPTIMIZERS = ("adamw", "muon")  # see gptforge/train/optim.py
+TRI_STATE = ("auto", "true", "false")
+STAGES = ("pretrain", "sft", "rl")  # see gptforge/train/finetune/
+RL_LOSSES = ("grpo", "reinforce")
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # the rest are TrainConfig's
 SEED_LIMIT = 2**32  # numpy's seeds are 32-bit
 INT_LIMIT = 2**63 - 1  # an int64: the largest count torch and numpy hold
@@ -44,7 +48,8 @@ class TrainConfig:
     dataset: str = opt("shakespeare_char", "the dataset's folder under data_dir; built in: shakespeare_char, "
                        "shakespeare (with --input: your text's file stem unless named)")
     data_dir: str = opt("data", "where datasets are prepared and kept")
-    input: str = opt("", "a local UTF-8 text file to train on, prepared as its own dataset")
+    input: str = opt("", "a local UTF-8 text file to train on, prepared as its own dataset; or a corpus as "
+                         "python -m gptforge.data prepare takes it (a glob, a folder, .jsonl[.gz|.bz2|.zst], .parquet)")
     tokenizer: str = opt("", "the tokenizer; empty: the dataset's default", ("", "char", "gpt2"))
     document_mask: bool = opt(False, "attend within documents only, positions restarting at each: a document "
                               "ends with the tokenizer's end-of-text token (corpora from gptforge.data prepare)")
@@ -70,7 +75,7 @@ class TrainConfig:
     optimizer: str = opt("adamw", "adamw, or muon: Muon for the blocks' matrices and AdamW for the rest, "
                          "at the same learning rate", OPTIMIZERS)
     learning_rate: float = opt(2e-3, "peak learning rate, after warmup")
-    min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay")
+    min_lr: float = opt(-1.0, "learning rate at the end of the cosine decay; -1: learning_rate / 10")
     warmup_iters: int = opt(100, "steps of linear warmup")
     lr_decay_iters: int = opt(0, "step at which the decay reaches min_lr; 0: max_iters")
     decay_lr: bool = opt(True, "warmup and cosine decay; false: a constant learning rate")
@@ -92,13 +97,22 @@ class TrainConfig:
                           "step", ("stop", "skip"))
     num_samples: int = opt(2, "samples printed and saved when training ends")
     sample_tokens: int = opt(300, "tokens per sample")
-    progress: bool = opt(True, "a progress bar")
+    progress: str = opt("auto", "a progress bar; auto: where stdout and stderr are terminals, else plain log lines "
+                        "with the time and ETA", TRI_STATE)
+    tensorboard_log: bool = opt(False, "log metrics, config and samples to TensorBoard (pip install -e "
+                                "'.[tensorboard]')")
+    tensorboard_dir: str = opt("", "TensorBoard's log folder; empty: out_dir/tensorboard")
+    wandb_log: bool = opt(False, "log metrics, config and samples to Weights & Biases (pip install -e '.[wandb]'); "
+                          "offline without an API key or network")
+    wandb_project: str = opt("gptforge", "the W&B project")
+    wandb_run_name: str = opt("", "the W&B run's name; empty: out_dir's folder name")
     # system
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = opt("auto", "compute precision; auto: bf16 on CUDA where supported (else fp16) and on "
                      "CPUs with AMX, else fp32",
                      ("auto", "bf16", "fp16", "fp32"))
-    compile: bool = opt(False, "torch.compile the model (under fsdp: each block)")
+    compile: str = opt("auto", "torch.compile the model (under fsdp: each block); auto: when the run is long "
+                       "enough that compiling pays (gptforge/train/compile_policy.py)", TRI_STATE)
     activation_checkpointing: str = opt("none", "recompute activations in the backward instead of keeping them: "
                                         "full (every block) or selective (every other block)",
                                         ("none", "selective", "full"))
@@ -107,17 +121,43 @@ class TrainConfig:
     ln_backend: str = opt("auto", "LayerNorm kernels; auto: GPT_KERNELS if set, else the fastest here",
                           ("auto", "torch", "triton"))
     seed: int = opt(1337, f"random seed, 0 to {SEED_LIMIT - 1}")
-    peak_flops: float = opt(0.0, "the device's peak FLOP/s for MFU; 0: look the device up")
+    peak_flops: float = opt(0.0, "the device's peak FLOP/s for MFU; 0: this machine's matmul ceiling, measured "
+                            "once and cached (gptforge/train/ceiling.py)")
     # distributed (see gptforge/train/strategy.py): launch with torchrun or the deepspeed launcher
     strategy: str = opt("auto", "auto: ddp when launched with several ranks, else single; fsdp: PyTorch FSDP2 "
                         "(weights, gradients and AdamW state sharded over ranks)",
                         ("auto", "single", "ddp", "fsdp", "deepspeed"))
     zero_stage: int = opt(-1, "DeepSpeed ZeRO stage 0-3; -1: the stage in --deepspeed_config, else 1")
     deepspeed_config: str = opt("", "a DeepSpeed JSON config to start from; our flags fill in the rest")
+    # fine-tuning (gptforge/train/finetune/): a stage after pre-training, from --init_from weights
+    stage: str = opt("pretrain", "pretrain: language modelling on --dataset; sft: supervised fine-tuning on "
+                     "conversations (loss on the responses only); rl: policy-gradient updates against a reward",
+                     STAGES)
+    task: str = opt("", "a built-in task (generated problems with an exact checker): SFT examples, RL prompts, "
+                    "the reward and the held-out accuracy", ("", *TASKS))
+    finetune_data: str = opt("", "JSONL of {prompt, response} or {messages: [{role, content}]} lines (SFT), or "
+                             "of {prompt, ...} lines (RL); empty: the --task's problems")
+    packing: bool = opt(True, "SFT: pack several examples into each row (attention kept within each); false: "
+                        "one example per row, padded")
+    eval_problems: int = opt(200, "held-out problems whose accuracy (or reward) each evaluation measures")
+    reward: str = opt("task", "RL: task (the --task's checker) or module:function, called as "
+                      "function(prompt, completion, example) -> float")
+    rl_loss: str = opt("grpo", "RL: grpo (PPO's clipped objective over group-normalised advantages) or "
+                       "reinforce (REINFORCE with the group's mean reward as baseline)", RL_LOSSES)
+    rl_prompts: int = opt(16, "RL: prompts per step, over all ranks")
+    group_size: int = opt(8, "RL: completions sampled per prompt")
+    ppo_epochs: int = opt(2, "RL: updates on each step's rollouts (grpo)")
+    clip_eps: float = opt(0.2, "RL: PPO's clip range, ratios kept in [1 - clip_eps, 1 + clip_eps]")
+    kl_coef: float = opt(0.02, "RL: weight of the KL penalty against the frozen starting model")
+    temperature: float = opt(1.0, "RL: sampling temperature of the rollouts")
+    top_k: int = opt(0, "RL: sample among the top_k tokens only; 0: all")
+    top_p: float = opt(1.0, "RL: nucleus sampling's probability mass, in (0, 1]")
+    max_new_tokens: int = opt(32, "SFT/RL: the longest response a rollout or an accuracy check generates")
 
     def __post_init__(self) -> None:
-        resume = str(self.resume).lower()  # True/False from Python, text from the command line
-        self.resume = {"1": "true", "yes": "true", "0": "false", "no": "false", "": "false"}.get(resume, resume)
+        for name in ("resume", "progress", "compile"):  # True/False from Python or an old trainer.json
+            text = str(getattr(self, name)).lower()
+            setattr(self, name, {"1": "true", "yes": "true", "0": "false", "no": "false", "": "false"}.get(text, text))
         for f in fields(self):  # the fixed sets of values, as the fields declare them
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -138,7 +178,8 @@ class TrainConfig:
         if not self.init_from:
             raise ConfigError("init_from must be scratch, resume, a GPT-2 name or a path; got ''")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                    "eval_interval", "eval_iters", "log_interval", "keep_last")
+                    "eval_interval", "eval_iters", "log_interval", "keep_last", "eval_problems", "rl_prompts",
+                    "ppo_epochs", "max_new_tokens")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -146,10 +187,11 @@ class TrainConfig:
                      "sample_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
+        for name in ("learning_rate", *(("min_lr",) if self.min_lr != -1 else ()), "weight_decay", "grad_clip",
+                     "peak_flops"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.min_lr > self.learning_rate:
+        if self.final_lr() > self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -158,6 +200,7 @@ class TrainConfig:
             raise ConfigError(f"seed must be from 0 to {SEED_LIMIT - 1}, got {self.seed}")
         if not -1 <= self.zero_stage <= 3:
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3 (or -1 for the default), got {self.zero_stage}")
+        self._check_finetuning()
         if self.document_mask and self.model == "bigram":
             raise ConfigError("--document_mask=true masks attention, and the bigram model has none; use "
                               "--model=gpt or --document_mask=false")
@@ -167,6 +210,29 @@ class TrainConfig:
             self.model_config(vocab_size=1)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _check_finetuning(self) -> None:
+        """The settings of the fine-tuning stages (gptforge/train/finetune/)."""
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 (advantages compare completions of one prompt), got "
+                              f"{self.group_size}")
+        if not 0 < self.clip_eps < 1:
+            raise ConfigError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 (rollouts sample), got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
+        if self.stage == "rl" and self.dropout > 0:
+            raise ConfigError(f"--stage=rl compares log-probabilities of one model across forward passes, which "
+                              f"dropout ({self.dropout}) would make differ; use --dropout=0")
+        if self.stage != "pretrain" and (self.document_mask or self.input):
+            raise ConfigError(f"--stage={self.stage} reads --task or --finetune_data; --document_mask and --input "
+                              "are pre-training's")
+        if self.stage == "pretrain" and (self.task or self.finetune_data):
+            raise ConfigError("--task and --finetune_data are the fine-tuning stages' data: add --stage=sft or "
+                              "--stage=rl (and --init_from a trained model)")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model these settings describe, for data of ``vocab_size`` tokens."""
@@ -185,9 +251,14 @@ class TrainConfig:
             return self.learning_rate * (step + 1) / (self.warmup_iters + 1)
         decay_iters = self.lr_decay_iters or self.max_iters
         if step >= decay_iters:
-            return self.min_lr
+            return self.final_lr()
         progress = (step - self.warmup_iters) / max(1, decay_iters - self.warmup_iters)
-        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.learning_rate - self.min_lr)
+        return self.final_lr() + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.learning_rate - self.final_lr())
+
+    def final_lr(self) -> float:
+        """min_lr, or (-1, the default) a tenth of learning_rate, nanoGPT's rule: a lower learning
+        rate (a fine-tune, or a resumed run after a NaN) lowers the floor with it."""
+        return self.learning_rate / 10 if self.min_lr == -1 else self.min_lr
 
     def model_changes(self, other: TrainConfig) -> list[tuple[str, object, object]]:
         """(key, ours, other's) for each model field in which ``other`` differs."""
@@ -201,7 +272,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-BARE_FLAGS = {"resume"}  # not bool-typed (true, false or auto), but a bare --resume means --resume=true
+# not bool-typed (true, false or auto; a choice), but meaningful bare: --resume means --resume=true
+BARE_FLAGS = {"resume": "true", "progress": "true", "compile": "true", "activation_checkpointing": "full"}
 
 
 def _field_type(name: str) -> type:
@@ -227,7 +299,9 @@ def _coerce(name: str, value: object, from_text: bool) -> object:
         except ValueError:
             raise ConfigError(f"--{name} expects {t.__name__}, got {value!r}") from None
         return text
-    if name in BARE_FLAGS and isinstance(value, bool):  # resume = true in a TOML file
+    if name in BARE_FLAGS and isinstance(value, bool):  # resume = true (compile = true ...) in a TOML file
+        if name == "activation_checkpointing":
+            return BARE_FLAGS[name] if value else "none"
         return str(value).lower()
     # values from TOML already carry a type: check it (an int is a fine float, a bool is no int)
     ok = isinstance(value, t) and not (t is int and isinstance(value, bool))
@@ -296,7 +370,9 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict[str, str]]:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is not None and not nxt.startswith("--"):
                 value, i = nxt, i + 1
-            elif key in BARE_FLAGS or key in {f.name for f in fields(TrainConfig)} and _field_type(key) is bool:
+            elif key.replace("-", "_") in BARE_FLAGS:
+                value = BARE_FLAGS[key.replace("-", "_")]
+            elif key in {f.name for f in fields(TrainConfig)} and _field_type(key) is bool:
                 value = "true"
             elif key != "config":
                 raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")

@@ -75,7 +75,7 @@ class FSDPStrategy(Strategy):
     def setup(self, model: torch.nn.Module) -> None:
         self._checkpoint_activations(model)
         blocks = getattr(getattr(model, "transformer", None), "h", None) or []
-        if self.cfg.compile:  # per block, before sharding: FSDP's hooks stay outside the compiled graphs
+        if self.cfg.compile == "true":  # per block, before sharding: FSDP's hooks stay outside the compiled graphs
             for i, block in enumerate(blocks):  # (state-dict keys lose the wrapper's "_orig_mod." again)
                 blocks.register_module(str(i), torch.compile(block))
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
@@ -86,12 +86,10 @@ class FSDPStrategy(Strategy):
         self.optimizer = self._optimizer(model, fused=True)  # over the shards: each rank updates its own
         self.scaler = RankAgreedGradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def _sync_gradients(self, sync: bool) -> None:
         # accumulate unsharded gradients until the step's last micro-batch: one reduce-scatter a
         # step, but meanwhile each rank holds the full gradients (in fp32)
         self.model.set_requires_gradient_sync(sync)
-        return super().forward(x, y, cu_seqlens=cu_seqlens)
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if self.device.type == "cpu":  # the blocks themselves are compiled: run them eagerly (see Strategy)
@@ -102,7 +100,7 @@ class FSDPStrategy(Strategy):
     def eager(self) -> contextlib.AbstractContextManager:
         """Under --compile the model's blocks are compiled modules: evaluation on the CPU and
         sampling (a new sequence length every token) run them eagerly instead of recompiling."""
-        return torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager") if self.cfg.compile == "true" else contextlib.nullcontext()
 
     def clip_gradients(self) -> torch.Tensor | None:
         norm = super().clip_gradients()  # the norm of the sharded gradients is itself a (replicated) DTensor

@@ -17,13 +17,16 @@ import torch
 from tqdm import tqdm
 
 from gptforge import kernels
-from gptforge.data import DataError, check_token_ids, ensure_prepared, load_meta, load_tokens
+from gptforge.data import DataError, check_token_ids, ensure_prepared, load_meta, load_tokenizer, load_tokens
 from gptforge.gpt.documents import cu_seqlens_from_eot
 from gptforge.gpt.model import build_model
-from gptforge.gpt.tokenizer import TokenizerUnavailableError, tokenizer_from_meta
+from gptforge.gpt.tokenizer import TokenizerUnavailableError
 from gptforge.train import checkpoint
+from gptforge.train.ceiling import run_ceilings
+from gptforge.train.compile_policy import choose_compile
 from gptforge.train.config import ConfigError, TrainConfig
-from gptforge.train.device import check_backends, peak_flops, peak_memory_mib, seed_everything
+from gptforge.train.console import eta_seconds, timestamped, wants_progress_bar
+from gptforge.train.device import check_backends, peak_memory_mib, seed_everything
 from gptforge.train.evaluation import evaluate, write_samples
 from gptforge.train.faults import (
     EXIT_NONFINITE,
@@ -40,6 +43,7 @@ from gptforge.train.resume import resume_checkpoint, resume_config
 from gptforge.train.sampler import BatchSampler, make_samplers
 from gptforge.train.strategies import make_strategy
 from gptforge.train.strategy import Strategy
+from gptforge.train.tracking import open_trackers
 
 # errors whose message is for the user; a rank that hits one tells the others (see Trainer._together)
 USER_ERRORS = (ConfigError, kernels.BackendError, DataError, checkpoint.CheckpointError, TokenizerUnavailableError,
@@ -56,7 +60,9 @@ class Trainer:
             cfg = resume_config(cfg, log)
             strategy = make_strategy(cfg)
         self.strategy, self.group = strategy, strategy.group
-        self.cfg, self.log = cfg, log if self.group.is_main else (lambda *_: None)
+        self.progress_bar = self.group.is_main and wants_progress_bar(cfg.progress)  # else time-stamped lines
+        self.cfg = cfg
+        self.log = (log if self.progress_bar else timestamped(log)) if self.group.is_main else (lambda *_: None)
         self.device, self.dtype = strategy.device, strategy.dtype
         self.out_dir = Path(cfg.out_dir)
         # one run per out_dir: rank 0 holds the lock until run() ends (or close())
@@ -77,18 +83,21 @@ class Trainer:
         model = self._initial_model().to(self.device)  # may take the shape of pretrained weights into self.cfg
         # counted before the strategy may partition the weights over ranks (ZeRO-3)
         self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(cfg.block_size)
+        # MFU's denominators, all devices together: the measured matmul ceiling, and a GPU's datasheet peak
+        self.peak, self.datasheet_peak = run_ceilings(self.cfg, self.device, self.dtype, group, self.log)
+        choose_compile(self.cfg, strategy, self.flops_per_token * self.tokens_per_step, self.peak, self.log)
         strategy.setup(model)
         if group.world_size > 1:  # the same initial weights everywhere, but each rank its own dropout
             torch.manual_seed(cfg.seed + group.rank)
         self.step, self.best_val, self.skipped_steps, self.saved_step = 0, float("inf"), 0, -1
         self.skipped_in_a_row = 0
+        self.step_stats: dict = {}  # logged with the step's row (see _log_row)
         self.memory: dict | None = None  # what this rank holds, measured at the run's first update
         self.signals = StopSignals(self.log)  # installed while run() runs
         self.stop_signal: str | None = None  # set (on every rank alike) when a rank got SIGTERM/SIGINT
-        self.metrics = Metrics(self.out_dir, write=group.is_main, log=self.log)
+        trackers = self._together(lambda: open_trackers(self.cfg, self.out_dir, self.log) if group.is_main else [])
+        self.metrics = Metrics(self.out_dir, write=group.is_main, log=self.log, trackers=trackers)
         self.resumed = self._resume()
-        peak = cfg.peak_flops or peak_flops(self.device, self.dtype)
-        self.peak = peak * group.world_size if peak else None  # MFU of all devices together
 
     # the plain model (for evaluation, sampling and checkpoints), its optimizer and fp16 scaler
     model = property(lambda self: self.strategy.model)
@@ -107,7 +116,9 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        """Release the lock on out_dir (run() does so when it ends)."""
+        """Release the lock on out_dir and close the trackers (run() does so when it ends)."""
+        if hasattr(self, "metrics"):
+            self.metrics.close()
         self.lock.release()
 
     # --- set-up: data, model, resume ---
@@ -122,18 +133,18 @@ class Trainer:
         data = ensure_prepared(*args)
         if cfg.input:
             self.log(f"--input {cfg.input}: dataset {cfg.dataset!r} in {data}")
-        self.meta = load_meta(data)
-        self.tokenizer = tokenizer_from_meta(self.meta["tokenizer"])
+        self.meta = load_meta(data)  # its fields, and its vocabulary against its tokenizer's
+        self.tokenizer = load_tokenizer(data)  # rebuilt and checked against the meta: a DataError if they differ
         self.eot = self.tokenizer.eot_id if cfg.document_mask else None  # where documents end (--document_mask)
         if cfg.document_mask and self.eot is None:
             raise ConfigError(f"--document_mask=true finds documents by the end-of-text token, and the "
                               f"{self.meta['tokenizer'].get('name')} tokenizer of dataset {cfg.dataset!r} has none: "
                               "train on data prepared with one (gpt2, or a trained tokenizer) or --document_mask=false")
-        train_tokens, val_tokens = load_tokens(data, "train"), load_tokens(data, "val")
         vocab_size = self.meta["vocab_size"]
-        # ids beyond the vocabulary would index past the embedding: one pass over the data, on rank 0
-        self._together(lambda: [check_token_ids(data, s, t, vocab_size) for s, t in
-                                (("train", train_tokens), ("val", val_tokens))] if group.is_main else None)
+        # ids beyond the vocabulary would index past the embedding: the recorded largest ids now
+        # (no token read), then every window's ids as the sampler reads it (gptforge/data/checks.py)
+        train_tokens, val_tokens = self._together(lambda: [check_token_ids(data, s, load_tokens(data, s), vocab_size)
+                                                           for s in ("train", "val")])
         B, T = cfg.batch_size, cfg.block_size
         try:
             self.sampler, self.eval_samplers = make_samplers(train_tokens, val_tokens, B, T, self.strategy.accum_steps,
@@ -168,7 +179,7 @@ class Trainer:
     def _resume(self) -> bool:
         """Load the checkpoint this run continues from, if any (``resume_checkpoint``); whether
         there was one."""
-        state = resume_checkpoint(self.cfg, self.strategy, self.log)
+        state = resume_checkpoint(self.cfg, self.strategy, self.log, self.meta["tokenizer"])
         if state is not None:
             self.step = self.saved_step = state["step"]
             self.best_val = state.get("best_val", float("inf"))
@@ -363,12 +374,13 @@ class Trainer:
             # a backend named in the config wins; "auto" leaves the choice to GPT_KERNELS, then to auto
             stack.enter_context(kernels.use_backend(**{k: v for k, v in cfg.backends().items() if v != "auto"}))
             bar = stack.enter_context(tqdm(total=cfg.max_iters, initial=self.step, unit="step", dynamic_ncols=True,
-                                           disable=not (cfg.progress and group.is_main)))
+                                           disable=not self.progress_bar))
             if self.step == 0 and cfg.max_iters > 0:
                 self._eval_and_record()
                 if self.stop_signal:
                     raise self._stop_on_signal()
             start, last = time.perf_counter(), (time.perf_counter(), self.step)
+            self.started = start, self.step  # the ETA's pace counts from here
             while self.step < cfg.max_iters:
                 loss = self.train_step()  # NonFiniteError under --nan_policy=stop: see run()
                 bar.update(1)
@@ -390,11 +402,20 @@ class Trainer:
             result = {**self.metrics.last_eval(), "step": self.step, "seconds": time.perf_counter() - start}
             if self.metrics.last_eval():
                 self.metrics.plot()
-            if cfg.num_samples and cfg.sample_tokens:
-                out_file = self.out_dir / "samples.txt" if group.is_main else None
-                result["samples"] = write_samples(self.strategy, self.tokenizer, cfg.num_samples, cfg.sample_tokens,
-                                                  cfg.seed, out_file, self.log)
+            result["samples"] = self._write_samples()
+            if result["samples"]:
+                self.metrics.text("samples", "\n\n".join(result["samples"]))
         return result
+
+    def _write_samples(self) -> list[str]:
+        """Samples of the trained model, printed and saved to samples.txt (a fine-tuning stage
+        shows its answers to held-out problems instead)."""
+        cfg = self.cfg
+        if not (cfg.num_samples and cfg.sample_tokens):
+            return []
+        out_file = self.out_dir / "samples.txt" if self.group.is_main else None
+        return write_samples(self.strategy, self.tokenizer, cfg.num_samples, cfg.sample_tokens, cfg.seed, out_file,
+                             self.log)
 
     def _log_row(self, loss: torch.Tensor, since: float, since_step: int) -> dict:
         """Record and print the mean loss over the global batch and the throughput since the last log."""
@@ -403,10 +424,13 @@ class Trainer:
         mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else None
         row = dict(step=self.step, loss=loss.item(), lr=self.cfg.lr_at(self.step - 1), tokens_per_s=tokens_per_s,
                    mfu=mfu, peak_memory_mib=peak_memory_mib(self.device))
+        if self.datasheet_peak:  # a GPU: MFU against its datasheet too
+            row["mfu_datasheet"] = self.flops_per_token * tokens_per_s / self.datasheet_peak
         if self.skipped_steps:
             row["skipped_steps"] = self.skipped_steps
+        row.update(self.step_stats)  # a stage's own figures of its last step (RL: reward, KL, ...)
         self.metrics.record(row)
-        self.log(log_line(row))
+        self.log(log_line(row, eta_seconds(*self.started, self.step, self.cfg.max_iters)))
         return row
 
     def _evaluated_at(self, step: int) -> bool:
@@ -414,10 +438,12 @@ class Trainer:
         return bool(self.group.broadcast_object(self.metrics.evaluated_at(step)))
 
 
-def train(cfg: TrainConfig, log=tqdm.write) -> dict:
+def train(cfg: TrainConfig, log=tqdm.write, trainer: type[Trainer] = Trainer) -> dict:
+    """Run ``cfg`` to its end with ``trainer`` (a fine-tuning stage's subclass: gptforge/train/stages.py)."""
+    log = log if wants_progress_bar(cfg.progress) else timestamped(log)
     cfg = resume_config(cfg, log if int(os.environ.get("RANK", "0")) == 0 else lambda *_: None)
     strategy = make_strategy(cfg)
     try:
-        return Trainer(cfg, log=log, strategy=strategy).run()
+        return trainer(cfg, log=log, strategy=strategy).run()
     finally:
         strategy.teardown()

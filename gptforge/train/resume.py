@@ -30,6 +30,7 @@ from pathlib import Path
 
 from gptforge.gpt.config import GPTConfig
 from gptforge.gpt.io import read_info
+from gptforge.gpt.tokenizer import describe_tokenizer, same_tokenizer
 from gptforge.train import checkpoint
 from gptforge.train.config import ConfigError, TrainConfig
 from gptforge.train.distributed import ProcessGroup
@@ -43,7 +44,9 @@ FIXED_ON_RESUME = {
     "batch_size": "the batches and their order", "gradient_accumulation_steps": "the batches and their order",
     "seed": "the order of the batches", "activation": "the model", "rope": "the model's parameters",
     "qk_norm": "the model", "tie_embeddings": "the model's parameters", "optimizer": "the optimizer state",
-    "document_mask": "what the model attends to",
+    "document_mask": "what the model attends to", "stage": "what is trained", "task": "the training data",
+    "finetune_data": "the training data", "packing": "the batches", "rl_prompts": "the rollouts",
+    "group_size": "the rollouts", "rl_loss": "the objective",
 }  # fmt: skip
 FROM_THIS_COMMAND = ("out_dir", "resume", "overwrite")  # where and how to continue, not what
 NOT_REPORTED = {*FROM_THIS_COMMAND, "init_from"}
@@ -115,6 +118,9 @@ def normalised(saved: dict, directory: Path) -> dict:
     """A saved config as this version reads it (an older version kept the dataset name a
     preset gave beside --input, say); keys it no longer knows are dropped, new ones default."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
+    # compile and progress were booleans (TrainConfig reads those as "true"/"false"); progress=true was the
+    # old default, not a choice about where the output goes: it becomes today's default, auto
+    saved = {**saved, "progress": "auto"} if saved.get("progress") is True else saved
     try:
         return TrainConfig(**{k: v for k, v in saved.items() if k in names}).to_dict()
     except (ConfigError, TypeError) as err:
@@ -175,26 +181,38 @@ def checkpoint_to_resume(cfg: TrainConfig, group: ProcessGroup, log: Callable[[s
     return directory
 
 
-def check_resumable(cfg: TrainConfig, model_config: GPTConfig, directory: Path) -> None:
-    """The checkpoint in ``directory`` holds a model of ``model_config``'s shape, of this run."""
-    saved = GPTConfig.from_dict(read_info(directory)["config"])
+def check_resumable(cfg: TrainConfig, model_config: GPTConfig, directory: Path,
+                    tokenizer_meta: dict | None = None) -> None:
+    """The checkpoint in ``directory`` holds a model of ``model_config``'s shape, of this run,
+    trained on the tokens of ``tokenizer_meta`` (the dataset's tokenizer, where given)."""
+    info = read_info(directory)
+    saved = GPTConfig.from_dict(info["config"])
     if saved != model_config:
         raise ConfigError(f"checkpoint {directory} holds a model of shape {saved.to_dict()}, "
                           f"but this run asks for {model_config.to_dict()}")
     check_same_run(cfg, directory, json.loads((directory / "trainer.json").read_text())["config"])
+    trained_on = info.get("tokenizer")
+    # the same dataset name and vocabulary size may hold another tokenizer's ids (prepared again)
+    if tokenizer_meta is not None and isinstance(trained_on, dict) and not same_tokenizer(trained_on, tokenizer_meta):
+        raise ConfigError(f"checkpoint {directory} was trained on the tokens of the {describe_tokenizer(trained_on)} "
+                          f"tokenizer, but dataset {cfg.dataset!r} now holds those of the "
+                          f"{describe_tokenizer(tokenizer_meta)} one (prepared again?): one model cannot learn two "
+                          "token spaces; prepare the data with the checkpoint's tokenizer under another name, or "
+                          "start a new run (another --out_dir, or --overwrite)")
 
 
-def resume_checkpoint(cfg: TrainConfig, strategy: Strategy, log: Callable[[str], None]) -> dict | None:
+def resume_checkpoint(cfg: TrainConfig, strategy: Strategy, log: Callable[[str], None],
+                      tokenizer_meta: dict | None = None) -> dict | None:
     """Load the checkpoint this run continues from into ``strategy`` (set up already), if any;
     its trainer state (trainer.json), or None for a fresh start. A checkpoint that passed its
     manifest but cannot be loaded makes every rank fall back alike to the one before it. A
     ConfigError if out_dir holds an earlier run's checkpoints and this run neither resumes nor
-    overwrites them."""
+    overwrites them. ``tokenizer_meta``: the dataset's tokenizer, which must be the checkpoint's."""
     group, out_dir = strategy.group, Path(cfg.out_dir)
     directory, unusable = checkpoint_to_resume(cfg, group, log), []
     while directory is not None:
         try:
-            check_resumable(cfg, strategy.model.config, directory)
+            check_resumable(cfg, strategy.model.config, directory, tokenizer_meta)
             state = strategy.load(directory)
             error = None
         except checkpoint.CheckpointError as err:

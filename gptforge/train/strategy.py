@@ -75,7 +75,7 @@ class Strategy:
         # 4x128 model; 6.8 against 35.5 ms at 6x384) and faster than a torch.compile'd update
         self.optimizer = self._optimizer(model, fused=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.compiled = torch.compile(model) if self.cfg.compile else model
+        self.compiled = torch.compile(model) if self.cfg.compile == "true" else model
         self.train_module = self.compiled  # what a training micro-batch runs (DDP wraps it)
 
     def _checkpoint_activations(self, model: torch.nn.Module) -> None:
@@ -105,8 +105,19 @@ class Strategy:
         """The mean loss of one training micro-batch. ``sync=False``: its gradients may stay on
         this rank until a later micro-batch's (the last of a step) are reduced. ``cu_seqlens``:
         the batch's packed documents (--document_mask; gptforge/gpt/documents.py)."""
+        self._sync_gradients(sync)
         with self.autocast():
             return self.train_module(x, y, **documents(cu_seqlens))[1]
+
+    def logits(self, x: torch.Tensor, sync: bool = True) -> torch.Tensor:
+        """The logits (B, T, vocab) of one training micro-batch, for a loss computed outside the
+        model (RL's policy gradient); ``backward`` takes that loss. ``sync`` as in ``forward``."""
+        self._sync_gradients(sync)
+        with self.autocast():
+            return self.train_module(x)[0]
+
+    def _sync_gradients(self, sync: bool) -> None:
+        """Whether the next backward reduces the gradients over the ranks (one process: nothing to do)."""
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """The mean loss of one evaluation batch (no gradients are reduced). Eager on the CPU even
@@ -288,11 +299,9 @@ class DDPStrategy(Strategy):
         self.train_module = torch.nn.parallel.DistributedDataParallel(self.compiled, device_ids=device_ids,
                                                                       broadcast_buffers=False)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, sync: bool = True,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        # what no_sync() sets: read by this forward and by the backward that follows it
+    def _sync_gradients(self, sync: bool) -> None:
+        # what no_sync() sets: read by the next forward and by the backward that follows it
         self.train_module.require_backward_grad_sync = sync
-        return super().forward(x, y, cu_seqlens=cu_seqlens)
 
 
 class DeepSpeedStrategy(Strategy):
@@ -341,7 +350,7 @@ class DeepSpeedStrategy(Strategy):
         # our AdamW with our parameter groups, driven by the engine
         self.optimizer = self._optimizer(model)
         self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
-        if self.cfg.compile:
+        if self.cfg.compile == "true":
             self.engine.compile()
         self.model = self.compiled = self.engine.module
         self.train_module = self.engine

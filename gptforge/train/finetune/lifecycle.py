@@ -10,7 +10,8 @@
 
 With several seeds, SFT and RL run once per seed (from the one pre-trained model) and the table
 gives each stage's mean and spread. Everything lands under ``OUT``: each stage's run folder
-(checkpoints, metrics.jsonl, loss.png; rl.png for RL) and summary.json with the figures.
+(checkpoints, metrics.jsonl, loss.png; rl.png for RL), summary.json with the figures, and
+rl_seeds.png: every seed's reward and held-out accuracy against the RL step.
 Extra ``--key=value`` flags after ``--`` go to every fine-tuning stage.
 """
 
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.task}: held-out accuracy over {len(seeds)} seed(s), greedy answers")
     for stage, label in (("base", "pre-trained"), ("sft", "after SFT"), ("rl", "after RL")):
         print(f"  {label:<12} {spread(table[stage])}")
+    from gptforge.train.finetune.plots import plot_rl_seeds
+
+    plot_rl_seeds({seed: out / f"seed{seed}" / "rl" / "metrics.jsonl" for seed in seeds}, out / "rl_seeds.png")
     summary = dict(task=args.task, seeds=seeds, accuracy=table, seconds=time.perf_counter() - started)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{time.perf_counter() - started:.0f} s in all; figures in {out / 'summary.json'}")

@@ -39,3 +39,30 @@ def plot_rl(metrics_path: Path, png_path: Path, log: Callable[[str], None] = pri
         log(f"could not write {png_path} ({err.strerror or err})")
     finally:
         plt.close(fig)
+
+
+def plot_rl_seeds(runs: dict[int, Path], png_path: Path) -> None:
+    """Every seed's RL run on one chart: the rollouts' mean reward (thin) and the held-out
+    accuracy of each evaluation (markers), one colour a seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n, (seed, metrics_path) in enumerate(sorted(runs.items())):
+        rows = read_metrics(metrics_path) if metrics_path.is_file() else []
+        colour = f"C{n}"
+        steps = [r for r in rows if "reward" in r]
+        evals = [r for r in rows if "accuracy" in r]
+        ax.plot([r["step"] for r in steps], [r["reward"] for r in steps], color=colour, alpha=0.35,
+                label=f"seed {seed}: rollout reward")
+        ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color=colour,
+                label=f"seed {seed}: held-out accuracy")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("reward / accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)

@@ -227,3 +227,12 @@ def test_grow_vocab_keeps_the_old_rows_and_predictions_of_old_tokens():
     assert model.config.vocab_size == 24 and after.shape[-1] == 24
     torch.testing.assert_close(after[..., :20], before)
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+
+
+def test_lifecycle_refuses_bad_seeds_in_one_line(capsys):
+    from gptforge.train.finetune.lifecycle import main, spread
+
+    assert main(["--seeds", "one,two"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --seeds expects comma-separated integers, got 'one,two'"
+    assert spread([0.5]) == " 50.0%" and spread([0.8, 1.0]).startswith(" 90.0% ± 14.1 (min 80.0, max 100.0)")

@@ -141,7 +141,8 @@ class FinetuneTrainer(Trainer):
         everywhere = sharded(self.strategy)
         mine = range(len(prompts)) if everywhere else range(self.group.rank, len(prompts), self.group.world_size)
         answers = self.generate_answers([prompts[i] for i in mine])
-        total = sum(score(i, answer) for i, answer in zip(mine, answers, strict=True))
+        # a user's reward function may raise: on every rank alike, or the others would wait in the sum below
+        total = self._together(lambda: sum(score(i, answer) for i, answer in zip(mine, answers, strict=True)))
         if everywhere:
             return total / len(prompts)
         total = self.group.all_reduce_sum(torch.tensor(float(total), device=self.device, dtype=torch.float64))

@@ -2,7 +2,8 @@
 it, in plain PyTorch (``nn.LayerNorm``, ``F.scaled_dot_product_attention``, an exact-GELU MLP
 as nanoGPT's, tied embeddings, GPT-2's initialisation as nanoGPT applies it), with none of
 our dispatch. Same shapes and parameter count as ``gpt.GPT``, which the benchmark runs with
-``activation="gelu"`` so that both compute the same function.
+``activation="gelu"`` so that both compute the same function; ``bias=False`` drops the biases
+of every Linear and LayerNorm, as nanoGPT's ``bias=False`` and our CPU recipe do.
 
 To measure against nanoGPT's own ``model.py`` instead, pass ``--nanogpt PATH`` (a checkout
 of github.com/karpathy/nanoGPT) to ``benchmarks/test_train_step.py``; see its docstring.
@@ -16,12 +17,12 @@ import torch.nn.functional as F
 
 
 class BaselineBlock(nn.Module):
-    def __init__(self, n_embd: int, n_head: int):
+    def __init__(self, n_embd: int, n_head: int, bias: bool = True):
         super().__init__()
         self.n_head = n_head
-        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.c_attn, self.attn_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
-        self.c_fc, self.mlp_proj = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd, bias=bias), nn.LayerNorm(n_embd, bias=bias)
+        self.c_attn, self.attn_proj = nn.Linear(n_embd, 3 * n_embd, bias=bias), nn.Linear(n_embd, n_embd, bias=bias)
+        self.c_fc, self.mlp_proj = nn.Linear(n_embd, 4 * n_embd, bias=bias), nn.Linear(4 * n_embd, n_embd, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -33,11 +34,12 @@ class BaselineBlock(nn.Module):
 
 
 class BaselineGPT(nn.Module):
-    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int):
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
+                 bias: bool = True):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
-        self.blocks = nn.ModuleList([BaselineBlock(n_embd, n_head) for _ in range(n_layer)])
-        self.ln_f = nn.LayerNorm(n_embd)
+        self.blocks = nn.ModuleList([BaselineBlock(n_embd, n_head, bias) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         # nanoGPT's (GPT-2's) initialisation. PyTorch's defaults would leave N(0, 1) embeddings tied

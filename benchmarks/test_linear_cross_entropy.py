@@ -27,12 +27,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.common import DEVICE, Result, record
+from benchmarks.common import DEVICE, Result, by_mode, record
 from gptforge import kernels
 
 ROWS, WIDTH, VOCAB = 8192, 128, 50257
 VARIANTS = ("materialised, eager", "materialised, torch.compile", "chunked (fused), eager")
-REPEATS = 3
+REPEATS = by_mode(2, 3)  # timed calls per variant (make bench, make bench-full)
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU comparison; the GPU suite races the GPU")
 
 

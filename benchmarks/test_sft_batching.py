@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # script mode, run from anywhere
@@ -86,6 +87,7 @@ def measure(rounds: int) -> dict[str, list[dict]]:
     return results
 
 
+@pytest.mark.full  # two SFT runs: make bench-full
 def test_sft_packed_against_padded():
     results = measure(rounds=1)
     report(results)

@@ -6,10 +6,9 @@ Every message is its role's token, the content's tokens, then ``<|end|>``. The s
 are reserved in every tokenizer alike, at the top of its vocabulary: ``ChatTokenizer(base)``
 gives them the ids ``base.vocab_size``, ``+1``, ... Text is encoded by the base tokenizer,
 whose ids all lie below that, so no text, whatever it spells, can produce a special token
-("<|end|>" typed by a user is seven ordinary characters). GPT-2's 50,257 tokens are padded to
-50,304 rows in nanoGPT-style models, so there they fall in rows the model already has; a
-character model grows its embedding by four rows when fine-tuning starts
-(``GPT.grow_vocab``).
+("<|end|>" typed by a user is seven ordinary characters). A model grows its embedding by the
+four rows when fine-tuning starts (``GPT.grow_vocab``), unless its vocabulary is padded past
+its tokenizer's already (nanoGPT pads GPT-2's 50,257 tokens to 50,304).
 
 For supervised fine-tuning, ``encode_conversation`` also says which tokens are trained:
 the assistant's content and its ``<|end|>``, so the model learns to answer and to stop, and

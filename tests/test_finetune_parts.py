@@ -84,28 +84,44 @@ def examples(tok: ChatTokenizer) -> list[Example]:
 
 def test_a_prompt_tokens_target_changes_neither_loss_nor_gradients():
     tok = ChatTokenizer(CharTokenizer.from_text("reverse stonabiqutxyz"))
-    batches = ExampleBatches(examples(tok), batch_size=2, block_size=48, seed=3)
+    exs = examples(tok)
+    batches = ExampleBatches(exs, batch_size=2, block_size=48, seed=3)
     x, y, cu = batches.batch(0)
-    prompt_targets = (y == IGNORE) & (x != tok.end_id)
-    assert prompt_targets.any() and (y != IGNORE).any()
+    # the same rows with every target kept: what training on the whole conversation would read
+    unmasked = [Example(e.ids, np.ones_like(e.trained)) for e in exs]
+    x_all, y_all, _ = ExampleBatches(unmasked, batch_size=2, block_size=48, seed=3).batch(0)
+    assert torch.equal(x, x_all)
+    prompt = (y == IGNORE) & (y_all != IGNORE)  # a prompt token's target (padding is IGNORE in both)
+    assert torch.equal(y[~prompt], y_all[~prompt])
+    # exactly the responses are trained: each word's letters and its <|end|>
+    words = ["stone", "ab", "river", "quiet", "xyz"]
+    rows = batches.step_rows(0)[:2]
+    assert int((y != IGNORE).sum()) == sum(len(words[i]) + 1 for row in rows for i in row) and prompt.any()
 
-    def loss_and_grads(targets):
+    def ours() -> tuple[torch.Tensor, list[torch.Tensor]]:  # the fused loss of the masked targets
         model = tiny_gpt(tok.vocab_size)
-        _, loss = model(x, targets, cu_seqlens=cu)
+        _, loss = model(x, y, cu_seqlens=cu)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
-    loss, grads = loss_and_grads(y)
-    # the same batch with the prompt tokens' targets set to real tokens, then masked as SFT masks them
-    changed = torch.where(prompt_targets, torch.randint_like(y, tok.vocab_size), y)
-    changed = torch.where(prompt_targets, torch.full_like(y, IGNORE), changed)
-    loss2, grads2 = loss_and_grads(changed)
-    assert torch.equal(loss, loss2) and all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
-    # and the loss is the mean cross-entropy over the response tokens alone
-    logits, _ = tiny_gpt(tok.vocab_size)(x, cu_seqlens=cu)
-    kept = y != IGNORE
-    expected = F.cross_entropy(logits[kept].float(), y[kept])
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    def response_only(prompt_labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The responses' mean cross-entropy from the full logits, the prompt targets set to
+        ``prompt_labels`` and weighted by 0."""
+        model = tiny_gpt(tok.vocab_size)
+        logits, _ = model(x, cu_seqlens=cu)
+        targets = torch.where(prompt, prompt_labels, y_all).clamp(min=0)
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        weight = (y != IGNORE).flatten().float()
+        loss = (per_token * weight).sum() / weight.sum()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = ours()
+    for labels in (y_all, torch.randint_like(y, tok.vocab_size), torch.zeros_like(y)):
+        want, want_grads = response_only(labels)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        for got, expected in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_packed_examples_give_the_losses_of_each_example_alone():

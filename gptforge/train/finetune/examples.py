@@ -58,6 +58,17 @@ def read_jsonl(path: str | Path, flag: str = "--finetune_data") -> list[tuple[st
     return records
 
 
+def split_held_out(records: list, seed: int, path: str, stage: str) -> tuple[list, list]:
+    """(training, held-out) lines of a JSONL file: one in twenty held out (at least one), chosen
+    by the seed."""
+    if len(records) < 2:
+        raise ConfigError(f"--finetune_data {path}: {len(records)} line; --stage={stage} needs at least 2 (one in "
+                          "twenty is held out for evaluation)")
+    order = np.random.default_rng(seed).permutation(len(records))
+    n_val = max(1, len(records) // 20)
+    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+
+
 def conversation(record: dict, where: str) -> list[dict]:
     """The messages of one SFT line, checked: every response non-empty, at least one."""
     if "messages" in record:

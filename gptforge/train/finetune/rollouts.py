@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from gptforge.gpt.chat import ROLES, ChatTokenizer
 from gptforge.train.config import ConfigError
-from gptforge.train.finetune.examples import read_jsonl
+from gptforge.train.finetune.examples import read_jsonl, split_held_out
 from gptforge.train.finetune.tasks import Problem
 
 
@@ -63,13 +62,7 @@ def problem_records(problems: Sequence[Problem], what: str) -> list[tuple[str, d
 def file_prompts(path: str, seed: int) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
     """The lines of an RL JSONL file, split into training and held-out prompts (one in twenty,
     at least one, chosen by the seed)."""
-    records = read_jsonl(path)
-    if len(records) < 2:
-        raise ConfigError(f"--finetune_data {path}: {len(records)} prompt; RL needs at least 2 (one in twenty is "
-                          "held out for evaluation)")
-    order = np.random.default_rng(seed).permutation(len(records))
-    n_val = max(1, len(records) // 20)
-    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+    return split_held_out(read_jsonl(path), seed, path, "rl")
 
 
 def sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],

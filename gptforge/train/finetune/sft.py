@@ -11,12 +11,10 @@ task, every evaluation also measures the accuracy of greedy answers to its held-
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from gptforge.train.config import ConfigError
 from gptforge.train.finetune.base import FinetuneTrainer
-from gptforge.train.finetune.examples import ExampleBatches, encode_records, read_jsonl
+from gptforge.train.finetune.examples import ExampleBatches, encode_records, read_jsonl, split_held_out
 
 TASK_TRAIN_PROBLEMS = 20_000  # a task's training examples: enough that they are not learnt by heart
 
@@ -27,14 +25,8 @@ class SFTTrainer(FinetuneTrainer):
     def _open_examples(self) -> None:
         cfg, group = self.cfg, self.group
         if cfg.finetune_data:
-            records = read_jsonl(cfg.finetune_data)
-            if len(records) < 2:
-                raise ConfigError(f"--finetune_data {cfg.finetune_data}: {len(records)} example; SFT needs at least "
-                                  "2 (one in twenty is held out for the validation loss)")
-            order = np.random.default_rng(cfg.seed).permutation(len(records))
-            n_val = max(1, len(records) // 20)
-            val_records = [records[i] for i in order[:n_val]]
-            train_records = [records[i] for i in order[n_val:]]
+            train_records, val_records = split_held_out(read_jsonl(cfg.finetune_data), cfg.seed, cfg.finetune_data,
+                                                        "sft")
         else:
             problems = self.task.problems("train", TASK_TRAIN_PROBLEMS, cfg.seed)
             train_records = [(f"task {self.task.name}, problem {i}", p.to_json()) for i, p in enumerate(problems)]

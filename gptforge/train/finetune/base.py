@@ -123,16 +123,20 @@ class FinetuneTrainer(Trainer):
         return prompts
 
     @torch.no_grad()
-    def generate_answers(self, prompts: list[list[int]], temperature: float = 0.0,
-                         generator: torch.Generator | None = None) -> list[str]:
-        """The model's response to each prompt (greedy by default), as text."""
+    def generate_ids(self, prompts: list[list[int]], temperature: float = 0.0,
+                     generator: torch.Generator | None = None) -> list[list[int]]:
+        """The model's response to each prompt (greedy by default): its new token ids, up to and
+        including ``<|end|>`` where it stopped; under a sharded model every step of every group."""
         strategy = self.strategy
         with strategy.autocast(), strategy.eager():
-            ids = complete(strategy.model, prompts, self.cfg.max_new_tokens, temperature,
-                           self.cfg.top_k or None, self.cfg.top_p if self.cfg.top_p < 1 else None, generator,
-                           stop_id=self.tokenizer.end_id, every_step=sharded(strategy),
-                           vocab_limit=self.tokenizer.vocab_size)
-        return [self.tokenizer.response_text(row) for row in ids]
+            return complete(strategy.model, prompts, self.cfg.max_new_tokens, temperature,
+                            self.cfg.top_k or None, self.cfg.top_p if self.cfg.top_p < 1 else None, generator,
+                            stop_id=self.tokenizer.end_id, every_step=sharded(strategy),
+                            vocab_limit=self.tokenizer.vocab_size)
+
+    def generate_answers(self, prompts: list[list[int]]) -> list[str]:
+        """The model's greedy response to each prompt, as text."""
+        return [self.tokenizer.response_text(row) for row in self.generate_ids(prompts)]
 
     def held_out_score(self, prompts: list[list[int]], score: Callable[[int, str], float]) -> float:
         """The mean of ``score(i, greedy answer to prompt i)`` over the held-out prompts, shared out

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -233,14 +232,6 @@ class RLTrainer(FinetuneTrainer):
 
     # --- evaluation and the run ---
 
-    def generate_ids(self, prompts: list[list[int]], temperature: float, generator: torch.Generator | None):
-        from gptforge.gpt.completions import complete
-
-        with torch.no_grad(), self.strategy.autocast(), self.strategy.eager():
-            return complete(self.strategy.model, prompts, self.cfg.max_new_tokens, temperature,
-                            self.cfg.top_k or None, self.cfg.top_p if self.cfg.top_p < 1 else None, generator,
-                            stop_id=self.tokenizer.end_id, vocab_limit=self.tokenizer.vocab_size)
-
     def _eval_and_record(self) -> None:
         """Greedy answers to the held-out prompts: their mean reward, and with a task its accuracy."""
         if self._stop_requested():
@@ -279,7 +270,3 @@ class RLTrainer(FinetuneTrainer):
 
             plot_rl(self.metrics.path, self.out_dir / "rl.png", self.log)
         return {**result, **{k: v for k, v in self.last_eval.items() if k != "step"}}
-
-
-def reference_dir(out_dir: str | Path) -> Path:
-    return Path(out_dir) / REFERENCE_DIR
